@@ -1,0 +1,133 @@
+"""Tiny offline preset: a byte-level BPE tokenizer with a Qwen-style chat template and a random-init
+Qwen2-architecture Generator/Reasoner pair built from config. Nothing here downloads anything.
+
+    python -m flythinker_worker.tiny --out data/tiny_models      # writes generator/ and reasoner/
+    python -m flythinker_worker.tiny --build-tokenizer CORPUS... # re-trains the shipped tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2.5's layout: a default system turn when the conversation has none, `<|im_end|>` closes turns.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Sizes chosen so a training step takes well under a second on 2 CPU cores, while d_R < d_G
+# exercises the paper's zero-pad fusion.
+GENERATOR_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+REASONER_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+
+
+def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` (deterministic for the same texts) and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=8192,
+                                   padding_side="left")
+
+
+def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tokenizer shipped with the package (assets/tiny_tokenizer)."""
+    if not (TOKENIZER_DIR / "tokenizer.json").exists():
+        raise FileNotFoundError(f"tiny tokenizer missing at {TOKENIZER_DIR}; rebuild it with "
+                                "`python -m flythinker_worker.tiny --build-tokenizer CORPUS.jsonl`")
+    return PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+
+
+def tiny_config(role: str, **overrides) -> Qwen2Config:
+    """Qwen2 config for the tiny `generator` or `reasoner`; `overrides` (vocab_size, sizes, ...) win."""
+    sizes = {"generator": GENERATOR_SIZES, "reasoner": REASONER_SIZES}[role]
+    kwargs = dict(max_position_embeddings=4096, rope_theta=10000.0,
+                  tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    kwargs.update(sizes)
+    kwargs.update(overrides)
+    return Qwen2Config(**kwargs)
+
+
+def tiny_pair(seed: int = 0, vocab_size: int | None = None, generator_overrides: dict | None = None,
+              reasoner_overrides: dict | None = None):
+    """Random-init (generator, reasoner, tokenizer); same seed, same weights. Overrides are Qwen2Config
+    fields, e.g. reasoner_overrides=dict(hidden_size=64) for d_R == d_G."""
+    tokenizer = load_tiny_tokenizer()
+    vocab_size = vocab_size or len(tokenizer)
+    torch.manual_seed(seed)
+    generator = Qwen2ForCausalLM(tiny_config("generator", **{"vocab_size": vocab_size, **(generator_overrides or {})}))
+    torch.manual_seed(seed + 1)
+    reasoner = Qwen2ForCausalLM(tiny_config("reasoner", **{"vocab_size": vocab_size, **(reasoner_overrides or {})}))
+    for model in (generator, reasoner):
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.eval()
+    return generator, reasoner, tokenizer
+
+
+def write_tiny_pair(out: str | os.PathLike, seed: int = 0) -> Path:
+    """Materialise the tiny pair as two HF folders (`out/generator`, `out/reasoner`), each with the tokenizer."""
+    out = Path(out)
+    generator, reasoner, tokenizer = tiny_pair(seed)
+    for name, model in (("generator", generator), ("reasoner", reasoner)):
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+    return out
+
+
+def _corpus(paths: list[str]) -> Iterable[str]:
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                yield record.get("input", "")
+                yield record.get("output", "")
+                for item in record.get("profile", []) or []:
+                    yield " ".join(str(v) for v in item.values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the tiny generator/ and reasoner/ folders here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--build-tokenizer", nargs="+", metavar="JSONL",
+                        help="re-train the shipped tokenizer on LongLaMP-schema JSONL files")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args = parser.parse_args(argv)
+    if not args.out and not args.build_tokenizer:
+        parser.error("give --out and/or --build-tokenizer")
+    if args.build_tokenizer:
+        tokenizer = build_tiny_tokenizer(_corpus(args.build_tokenizer), args.vocab_size)
+        tokenizer.save_pretrained(str(TOKENIZER_DIR))
+        print(f"tokenizer ({len(tokenizer)} tokens) written to {TOKENIZER_DIR}")
+    if args.out:
+        print(f"tiny pair written to {write_tiny_pair(args.out, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Laptop / CI (CPU, local Ray, tiny pair, synthetic data; a few minutes on 2 cores):
+#   bash launch/train.sh [hydra overrides]
+# GPU cluster (e.g. one node of 8 x 80 GB):
+#   ray job submit --working-dir . -- bash launch/train.sh model_pair=qwen2.5-3b-3b task=product_review
+# Overrides are Hydra's: key=value (configs/flythinker_trainer.yaml), group=option (configs/*/).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+DATA_DIR=${DATA_DIR:-data}
+SYNTHETIC_TASK=${SYNTHETIC_TASK:-product_review}
+
+cd "$(dirname "$0")/.."
+export TOKENIZERS_PARALLELISM=false
+
+# The embedded default runs on assets made here, once: the tiny model pair and the synthetic data.
+args=" $* "
+if [[ "$args" != *" model_pair="* || "$args" == *" model_pair=tiny "* ]]; then
+  if [[ ! -f "$DATA_DIR/tiny_models/generator/config.json" ]]; then
+    "$PYTHON" -m flythinker_worker.tiny --out "$DATA_DIR/tiny_models"
+  fi
+fi
+if [[ "$args" != *" task="* || "$args" == *" task=synthetic "* ]]; then
+  if [[ ! -f "$DATA_DIR/synthetic/$SYNTHETIC_TASK/train.parquet" ]]; then
+    "$PYTHON" -m data_prep.synthetic --out "$DATA_DIR/synthetic/raw"
+    "$PYTHON" -m data_prep.longlamp --task "$SYNTHETIC_TASK" --source "$DATA_DIR/synthetic/raw/$SYNTHETIC_TASK" \
+      --out "$DATA_DIR/synthetic/$SYNTHETIC_TASK"
+  fi
+fi
+
+exec "$PYTHON" -m recipe.main_flythinker "$@"

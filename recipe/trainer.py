@@ -1,0 +1,158 @@
+"""The Ray driver loop: data, one FlyThinker worker group, steps with a progress bar, logging,
+validation, atomic checkpoints, exact resume, and the final export. The driver never touches ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+from transformers import AutoTokenizer
+from verl import DataProto
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.utils.tracking import Tracking
+
+from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
+
+from . import checkpointing
+from .config import FlyThinkerConfig
+from .data import SFTDataset, train_batch_indices
+
+logger = logging.getLogger(__name__)
+
+
+def make_worker_group(cfg: FlyThinkerConfig, worker_cls, **init_args) -> RayWorkerGroup:
+    """A worker group of trainer.nnodes x trainer.n_gpus_per_node processes on GPUs or CPUs."""
+    on_gpu = cfg.trainer.device == "cuda"
+    # max_colocate_count=1: the default asks for 10 CPUs per bundle, which never fits a laptop.
+    pool = RayResourcePool(process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
+                           use_gpu=on_gpu, max_colocate_count=1)
+    return RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args),
+                          device_name=cfg.trainer.device)
+
+
+def first_metrics(output: DataProto) -> dict:
+    """Rank 0's metrics from a DP-collected DataProto (other ranks report None)."""
+    return {k: v[0] if isinstance(v, list) else v for k, v in output.meta_info["metrics"].items()}
+
+
+class FlyThinkerTrainer:
+    def __init__(self, cfg: FlyThinkerConfig):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.trainer.default_local_dir)
+        self.ckpt_root = checkpointing.checkpoint_root(cfg.trainer.default_local_dir)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # ---- set-up -----------------------------------------------------------------------------------------
+
+    def _load_data(self):
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.generator.path,
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        d = cfg.data
+        self.train_data = SFTDataset(d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length,
+                                     desc="tokenising train")
+        self.val_data = None
+        if d.val_files:
+            self.val_data = SFTDataset(d.val_files, self.tokenizer, d.max_prompt_length,
+                                       d.max_response_length, desc="tokenising val")
+        self.steps_per_epoch = len(self.train_data) // d.train_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.train_batch_size={d.train_batch_size} exceeds the {len(self.train_data)} "
+                             "training rows")
+        self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * self.steps_per_epoch
+
+    def _resume_point(self) -> Path | None:
+        mode = self.cfg.trainer.resume_mode
+        if mode == "disable":
+            return None
+        if mode == "resume_path":
+            path = Path(self.cfg.trainer.resume_from_path)
+            if not (path / checkpointing.COMPLETE).exists():
+                raise ValueError(f"trainer.resume_from_path={path} is not a complete checkpoint")
+            return path
+        return checkpointing.latest(self.ckpt_root)
+
+    # ---- loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        """Train to trainer.total_training_steps (or epochs); returns the exported model directory."""
+        cfg = self.cfg
+        self._load_data()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.workers = make_worker_group(cfg, FlyThinkerTrainWorker, config=cfg.worker_config(self.total_steps))
+        counts = self.workers.init_model()[0]
+        step = 0
+        resume = self._resume_point()
+        if resume is not None:
+            step = self.workers.load_checkpoint(str(resume))[0]
+            assert step == checkpointing.read_driver_state(resume)["step"]
+            checkpointing.truncate_jsonl(self.metrics_path, step)
+            logger.warning("resumed from %s at step %d", resume, step)
+        tracking = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, list(cfg.trainer.logger),
+                            config=asdict(cfg))
+        print(f"[flythinker] {len(self.train_data)} train rows, {self.steps_per_epoch} steps/epoch, "
+              f"{self.total_steps} steps, world {cfg.trainer.world_size} x {cfg.trainer.device}, "
+              f"generator {counts['generator_params']:,} + reasoner {counts['reasoner_params']:,} params",
+              flush=True)
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True)
+        while step < self.total_steps:
+            indices = train_batch_indices(step, len(self.train_data), cfg.data.train_batch_size,
+                                          cfg.trainer.seed, cfg.data.shuffle)
+            batch = DataProto.from_dict(self.train_data.collate(indices))
+            metrics = first_metrics(self.workers.train_batch(batch))
+            step += 1
+            metrics.update(step=step, epoch=(step - 1) // self.steps_per_epoch)
+            last = step == self.total_steps
+            if self._due(cfg.trainer.test_freq, step, last):
+                metrics.update(self.validate(step))
+            self._log(tracking, metrics, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            if self._due(cfg.trainer.save_freq, step, last):
+                self.save(step)
+        bar.close()
+        final = self.out_dir / "final"
+        self.workers.export_model(str(final))
+        print(f"[flythinker] done: model -> {final}, metrics -> {self.metrics_path}, "
+              f"checkpoints -> {self.ckpt_root}", flush=True)
+        return final
+
+    @staticmethod
+    def _due(freq: int, step: int, last: bool) -> bool:
+        return last or (freq > 0 and step % freq == 0)
+
+    def _log(self, tracking, metrics: dict, step: int) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        tracking.log({f"train/{k}" if not k.startswith("val") else k: v for k, v in clean.items()
+                      if k not in ("step",)}, step=step)
+
+    def validate(self, step: int) -> dict:
+        """Validation loss over the whole val set (token mean)."""
+        if self.val_data is None:
+            return {}
+        start = time.perf_counter()
+        world, size = self.cfg.trainer.world_size, self.cfg.data.val_batch_size
+        per = world * self.cfg.data.micro_batch_size_per_gpu
+        loss_sum = tokens = 0.0
+        for begin in range(0, len(self.val_data), size):
+            indices = list(range(begin, min(begin + size, len(self.val_data))))
+            indices += [None] * (-len(indices) % per)  # filler rows carry no loss
+            out = first_metrics(self.workers.validate_batch(DataProto.from_dict(self.val_data.collate(indices))))
+            loss_sum += out["val_loss_sum"]
+            tokens += out["val_tokens"]
+        return {"val_loss": loss_sum / max(tokens, 1), "val_seconds": time.perf_counter() - start}
+
+    def save(self, step: int) -> Path:
+        tmp = checkpointing.begin(self.ckpt_root, step)
+        self.workers.save_checkpoint(str(tmp))
+        state = {"step": step, "total_steps": self.total_steps, "seed": self.cfg.trainer.seed,
+                 "time": time.time()}
+        return checkpointing.commit(self.ckpt_root, tmp, step, state, self.cfg.trainer.max_ckpt_to_keep)

@@ -24,7 +24,9 @@ def init_ray(device: str) -> None:
         return
     kwargs = {"runtime_env": RUNTIME_ENV}
     if not os.environ.get("RAY_ADDRESS") and device == "cpu":
-        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 1))
+        # A private instance (never someone's `ray start` cluster); logical CPUs so that training and
+        # rollout groups (one CPU per worker each) fit on a 2-core laptop.
+        kwargs.update(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 8))
     ray.init(**kwargs)
 
 

@@ -26,14 +26,24 @@ from .data import SFTDataset, train_batch_indices
 logger = logging.getLogger(__name__)
 
 
-def make_worker_group(cfg: FlyThinkerConfig, worker_cls, **init_args) -> RayWorkerGroup:
-    """A worker group of trainer.nnodes x trainer.n_gpus_per_node processes on GPUs or CPUs."""
+def make_worker_group(cfg: FlyThinkerConfig, worker_cls, **init_args) -> tuple[RayWorkerGroup, RayResourcePool]:
+    """A worker group of trainer.nnodes x trainer.n_gpus_per_node processes on GPUs or CPUs.
+    Release it with `release_worker_group` (placement groups outlive their actors otherwise)."""
     on_gpu = cfg.trainer.device == "cuda"
     # max_colocate_count=1: the default asks for 10 CPUs per bundle, which never fits a laptop.
     pool = RayResourcePool(process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
                            use_gpu=on_gpu, max_colocate_count=1)
-    return RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args),
-                          device_name=cfg.trainer.device)
+    group = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args),
+                           device_name=cfg.trainer.device)
+    return group, pool
+
+
+def release_worker_group(group: RayWorkerGroup, pool: RayResourcePool) -> None:
+    """Kill the group's actors and free its placement groups."""
+    for worker in group.workers:
+        ray.kill(worker)
+    for pg in pool.pgs or []:
+        ray.util.remove_placement_group(pg)
 
 
 def first_metrics(output: DataProto) -> dict:
@@ -85,15 +95,24 @@ class FlyThinkerTrainer:
         cfg = self.cfg
         self._load_data()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.workers = make_worker_group(cfg, FlyThinkerTrainWorker, config=cfg.worker_config(self.total_steps))
+        self.workers, pool = make_worker_group(cfg, FlyThinkerTrainWorker,
+                                               config=cfg.worker_config(self.total_steps))
+        try:
+            return self._train()
+        finally:
+            release_worker_group(self.workers, pool)
+
+    def _train(self) -> Path:
+        cfg = self.cfg
         counts = self.workers.init_model()[0]
         step = 0
         resume = self._resume_point()
         if resume is not None:
             step = self.workers.load_checkpoint(str(resume))[0]
             assert step == checkpointing.read_driver_state(resume)["step"]
-            checkpointing.truncate_jsonl(self.metrics_path, step)
             logger.warning("resumed from %s at step %d", resume, step)
+        # Records past the restart point come from a crashed (or an earlier, fresh-started) run.
+        checkpointing.truncate_jsonl(self.metrics_path, step)
         tracking = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, list(cfg.trainer.logger),
                             config=asdict(cfg))
         print(f"[flythinker] {len(self.train_data)} train rows, {self.steps_per_epoch} steps/epoch, "

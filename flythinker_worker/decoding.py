@@ -129,9 +129,11 @@ class PairedDecoder:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 seed: int | None = None, output_logits: bool = False) -> GenerateOutput:
+                 seed: int | list[int] | None = None, output_logits: bool = False) -> GenerateOutput:
         """Decode up to `max_new_tokens` per row; temperature 0 is greedy. Rows stop at EOS and are padded
-        with `pad_token_id` (default: the first EOS id) after it; decoding ends when all rows stopped."""
+        with `pad_token_id` (default: the first EOS id) after it; decoding ends when all rows stopped.
+        `seed`: one int seeds the batch; a list gives each row its own sampler, so a row's sample does not
+        depend on its neighbours (how the rollout worker makes sampling independent of batching)."""
         _check_sampling(max_new_tokens, temperature, top_p, top_k)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -139,9 +141,13 @@ class PairedDecoder:
                            device=input_ids.device, dtype=torch.long)
         if pad_token_id is None:
             pad_token_id = int(eos[0]) if len(eos) else 0
-        rng = None
-        if seed is not None and temperature > 0:
-            rng = torch.Generator(device=input_ids.device).manual_seed(seed)
+        rngs = None
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != input_ids.shape[0]:
+                raise ValueError(f"seed has {len(seed)} entries for {input_ids.shape[0]} rows")
+            rngs = [torch.Generator(device=input_ids.device).manual_seed(int(s)) for s in seed]
+        elif seed is not None:
+            rngs = torch.Generator(device=input_ids.device).manual_seed(seed)
 
         logits, state = self.prefill(input_ids, attention_mask)
         batch = input_ids.shape[0]
@@ -151,7 +157,11 @@ class PairedDecoder:
         for t in range(max_new_tokens):
             if output_logits:
                 logits_out.append(logits.float())
-            tokens = sample_next(logits, temperature, top_k, top_p, rng)
+            if isinstance(rngs, list) and temperature > 0:
+                tokens = torch.cat([sample_next(logits[i:i + 1], temperature, top_k, top_p, rng)
+                                    for i, rng in enumerate(rngs)])
+            else:
+                tokens = sample_next(logits, temperature, top_k, top_p, rngs)
             tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
             num_generated += (~finished).long()
             finished = finished | torch.isin(tokens, eos)

@@ -99,6 +99,21 @@ def test_sampling_is_deterministic_for_a_seed(pair):
     assert not torch.equal(a, c)
 
 
+def test_per_row_seeds_make_sampling_independent_of_the_batch(pair):
+    generator, reasoner, tok = pair
+    decoder = PairedDecoder(FlyThinker(generator, reasoner, lam=1.0))
+    torch.manual_seed(10)
+    prompts = [torch.randint(VOCAB_LO, len(tok), (n,)) for n in (5, 8)]
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    kwargs = dict(max_new_tokens=10, temperature=1.2, top_p=0.9)
+    batched = decoder.generate(ids, mask, seed=[21, 22], **kwargs).sequences[:, 8:]
+    for i, (prompt, seed) in enumerate(zip(prompts, [21, 22])):
+        alone = decoder.generate(prompt[None], seed=[seed], **kwargs).sequences[0, len(prompt):]
+        assert torch.equal(batched[i], alone)
+    with pytest.raises(ValueError, match="seed has 1 entries for 2 rows"):
+        decoder.generate(ids, mask, seed=[1], **kwargs)
+
+
 def test_top_k_and_top_p_restrict_the_support():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, 4).contiguous()

@@ -110,7 +110,7 @@ class FlyThinkerTrainer:
         if resume is not None:
             step = self.workers.load_checkpoint(str(resume))[0]
             assert step == checkpointing.read_driver_state(resume)["step"]
-            logger.warning("resumed from %s at step %d", resume, step)
+            print(f"[flythinker] resumed from {resume} at step {step}", flush=True)
         # Records past the restart point come from a crashed (or an earlier, fresh-started) run.
         checkpointing.truncate_jsonl(self.metrics_path, step)
         tracking = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, list(cfg.trainer.logger),

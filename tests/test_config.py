@@ -1,0 +1,61 @@
+"""Start-up validation: every shipped config composes and validates; a wrong key or value names itself."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, compose
+
+from flythinker_worker.config import OptimConfig, build
+from recipe.config import load_config
+
+BASE = ["data.train_files=[x.parquet]"]
+
+
+@pytest.mark.parametrize("pair", ["tiny", "qwen2.5-3b-3b", "qwen2.5-3b-1.5b", "qwen2.5-3b-0.5b", "qwen2.5-7b-1.5b"])
+@pytest.mark.parametrize("task", ["synthetic", "product_review", "abstract_generation", "topic_writing"])
+@pytest.mark.parametrize("method", ["flythinker", "sft"])
+def test_every_group_combination_validates(pair, task, method):
+    cfg = load_config(compose([f"model_pair={pair}", f"task={task}", f"method={method}"]))
+    assert (cfg.fusion.lam == 0) == (method == "sft")
+    if pair.startswith("qwen"):  # the paper's optimiser settings
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_ratio, cfg.data.train_batch_size,
+                cfg.trainer.total_epochs, cfg.fsdp.param_dtype) == (5e-6, 0.025, 0.01, 64, 5, "bf16")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+data.bogus=1", "unknown config key 'data.bogus'"),
+    ("+optimizer.lr=1", "unknown config key 'optimizer'"),
+    ("fusion.positions=everywhere", "fusion.positions='everywhere' is not one of"),
+    ("fusion.projection=mlp", "fusion.projection='mlp'"),
+    ("trainer.device=tpu", "trainer.device"),
+    ("data.train_batch_size=7", "data.train_batch_size"),
+    ("optim.lr=-1", "optim.lr"),
+    ("trainer.resume_mode=sometimes", "trainer.resume_mode"),
+    ("trainer.logger=[console,nope]", "unknown logger 'nope'"),
+    ("data.micro_batch_size_per_gpu=two", "data.micro_batch_size_per_gpu: expected an integer"),
+    ("model.reasoner.path=''", "model.reasoner.path"),
+])
+def test_bad_key_or_value_names_it(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(compose([override]))
+
+
+def test_build_rejects_wrong_types_and_keys():
+    with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'"):
+        build(OptimConfig, {"learning_rate": 1.0}, "optim")
+    with pytest.raises(ValueError, match="optim.lr: expected a number, got 'fast'"):
+        build(OptimConfig, {"lr": "fast"}, "optim")
+    assert build(OptimConfig, {"lr": 3}, "optim").lr == 3.0
+
+
+def test_cli_fails_at_start_up_naming_the_key(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    for override, needle in (("+fusion.lamda=1", "fusion.lamda"), ("fusion.lam=high", "fusion.lam")):
+        proc = subprocess.run([sys.executable, "-m", "recipe.main_flythinker", override,
+                               f"trainer.default_local_dir={tmp_path}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        assert needle in proc.stderr + proc.stdout
+        assert "Started a local Ray instance" not in proc.stderr  # failed before any work

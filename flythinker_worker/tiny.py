@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -39,28 +39,40 @@ REASONER_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1)
 
 
-def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `texts` (deterministic for the same texts) and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """Train a byte-level BPE on `texts` (deterministic for the same texts) with Qwen2's normaliser and
+    pre-tokeniser, and wrap it as a Qwen2Tokenizer: AutoTokenizer then loads the very same tokenizer from
+    the asset folder and from a Qwen2 model folder (it picks the class by model type there)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE, model_max_length=8192,
-                                   padding_side="left")
+    bpe = json.loads(tok.to_str())["model"]
+    return Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                      for m in bpe["merges"]],
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                          extra_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+                          model_max_length=8192, padding_side="left")
 
 
-def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """The tokenizer shipped with the package (assets/tiny_tokenizer)."""
+def load_tiny_tokenizer():
+    """The tokenizer shipped with the package (assets/tiny_tokenizer), a small-vocabulary Qwen2Tokenizer."""
+    from transformers import AutoTokenizer
+
     if not (TOKENIZER_DIR / "tokenizer.json").exists():
         raise FileNotFoundError(f"tiny tokenizer missing at {TOKENIZER_DIR}; rebuild it with "
                                 "`python -m flythinker_worker.tiny --build-tokenizer CORPUS.jsonl`")
-    return PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 def tiny_config(role: str, **overrides) -> Qwen2Config:

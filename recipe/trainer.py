@@ -10,11 +10,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import ray
 from tqdm import tqdm
 from transformers import AutoTokenizer
 from verl import DataProto
-from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.utils.tracking import Tracking
 
 from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
@@ -22,33 +20,9 @@ from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
 from . import checkpointing
 from .config import FlyThinkerConfig
 from .data import SFTDataset, train_batch_indices
+from .workers import first_metrics, make_worker_group, release_worker_group
 
 logger = logging.getLogger(__name__)
-
-
-def make_worker_group(cfg: FlyThinkerConfig, worker_cls, **init_args) -> tuple[RayWorkerGroup, RayResourcePool]:
-    """A worker group of trainer.nnodes x trainer.n_gpus_per_node processes on GPUs or CPUs.
-    Release it with `release_worker_group` (placement groups outlive their actors otherwise)."""
-    on_gpu = cfg.trainer.device == "cuda"
-    # max_colocate_count=1: the default asks for 10 CPUs per bundle, which never fits a laptop.
-    pool = RayResourcePool(process_on_nodes=[cfg.trainer.n_gpus_per_node] * cfg.trainer.nnodes,
-                           use_gpu=on_gpu, max_colocate_count=1)
-    group = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args),
-                           device_name=cfg.trainer.device)
-    return group, pool
-
-
-def release_worker_group(group: RayWorkerGroup, pool: RayResourcePool) -> None:
-    """Kill the group's actors and free its placement groups."""
-    for worker in group.workers:
-        ray.kill(worker)
-    for pg in pool.pgs or []:
-        ray.util.remove_placement_group(pg)
-
-
-def first_metrics(output: DataProto) -> dict:
-    """Rank 0's metrics from a DP-collected DataProto (other ranks report None)."""
-    return {k: v[0] if isinstance(v, list) else v for k, v in output.meta_info["metrics"].items()}
 
 
 class FlyThinkerTrainer:
@@ -95,7 +69,8 @@ class FlyThinkerTrainer:
         cfg = self.cfg
         self._load_data()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.workers, pool = make_worker_group(cfg, FlyThinkerTrainWorker,
+        self.workers, pool = make_worker_group(FlyThinkerTrainWorker, cfg.trainer.device,
+                                               cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes,
                                                config=cfg.worker_config(self.total_steps))
         try:
             return self._train()

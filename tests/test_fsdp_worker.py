@@ -10,7 +10,7 @@ from flythinker_worker import FlyThinker
 from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
 from recipe.config import load_config
 from recipe.data import SFTDataset
-from recipe.trainer import first_metrics, make_worker_group, release_worker_group
+from recipe.workers import first_metrics, make_worker_group, release_worker_group
 
 pytestmark = pytest.mark.slow
 LR, CLIP = 1e-2, 1.0
@@ -47,7 +47,7 @@ def test_two_gloo_workers_equal_one_process(ray_local, tiny_assets, tmp_path, la
     batch = data.collate([0, 5, 9, 13])
     assert len(set((batch["labels"] != -100).sum(1).tolist())) > 1
 
-    group, pool = make_worker_group(cfg, FlyThinkerTrainWorker, config=cfg.worker_config(10))
+    group, pool = make_worker_group(FlyThinkerTrainWorker, "cpu", 2, config=cfg.worker_config(10))
     try:
         group.init_model()
         metrics = first_metrics(group.train_batch(DataProto.from_dict(dict(batch))))

@@ -98,10 +98,14 @@ def test_ray_job_submit_runs_train_sh(tiny_assets, tmp_path):
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
         out_dir = tmp_path / "job"
-        job = subprocess.run(
-            [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-             *train_cmd(tiny_assets, out_dir, "trainer.total_training_steps=3")],
-            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=500)
+        for _ in range(30):  # the dashboard answers before its job agent is up: "No available agent"
+            job = subprocess.run(
+                [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 *train_cmd(tiny_assets, out_dir, "trainer.total_training_steps=3")],
+                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=500)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout
         assert [r["step"] for r in records(out_dir)] == [1, 2, 3]

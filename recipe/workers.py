@@ -1,0 +1,32 @@
+"""Ray worker groups for the driver: on GPUs or on CPUs (gloo), released explicitly."""
+
+from __future__ import annotations
+
+import ray
+from verl import DataProto
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+
+def make_worker_group(worker_cls, device: str, n_per_node: int, nnodes: int = 1, colocate: int = 1,
+                      **init_args) -> tuple[RayWorkerGroup, RayResourcePool]:
+    """(group, pool): nnodes x n_per_node processes of `worker_cls`, one GPU (or one CPU) per bundle.
+    `colocate` > 1 lets that many groups share each bundle (e.g. training + rollout on one GPU).
+    Release with `release_worker_group` (placement groups outlive their actors otherwise)."""
+    # max_colocate_count bounds the CPUs of a bundle: verl's default of 10 never fits a laptop.
+    pool = RayResourcePool(process_on_nodes=[n_per_node] * nnodes, use_gpu=device == "cuda",
+                           max_colocate_count=colocate)
+    group = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args), device_name=device)
+    return group, pool
+
+
+def release_worker_group(group: RayWorkerGroup, pool: RayResourcePool | None) -> None:
+    """Kill the group's actors and free the pool's placement groups (when `pool` is given: its owner)."""
+    for worker in group.workers:
+        ray.kill(worker)
+    for pg in (pool.pgs or []) if pool is not None else []:
+        ray.util.remove_placement_group(pg)
+
+
+def first_metrics(output: DataProto) -> dict:
+    """Rank 0's metrics from a DP-collected DataProto (other ranks report None)."""
+    return {k: v[0] if isinstance(v, list) else v for k, v in output.meta_info["metrics"].items()}

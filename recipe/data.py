@@ -13,7 +13,12 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def _messages(row, path: str, index: int) -> list[dict]:
+def conversation(row: dict) -> list[dict]:
+    """The row's messages, ending with the assistant turn (`messages`, or `prompt` + `response`)."""
+    return _messages(row, *row.get("_source", ("<rows>", "?")))
+
+
+def _messages(row, path: str, index) -> list[dict]:
     if "messages" in row and row["messages"] is not None:
         messages = [dict(m) for m in row["messages"]]
     elif "prompt" in row and "response" in row:

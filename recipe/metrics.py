@@ -72,6 +72,15 @@ def require_nltk_data() -> None:
                               f"NLTK searched {list(nltk.data.path)}") from None
 
 
+def nltk_data_present() -> bool:
+    """Whether METEOR can run (for callers that prefer skipping METEOR to failing, e.g. the trainer)."""
+    try:
+        require_nltk_data()
+    except MissingNltkData:
+        return False
+    return True
+
+
 def load_tokenizer(tokenizer=None):
     """None -> the project's tiny tokenizer; a str/Path -> AutoTokenizer.from_pretrained; else as is."""
     if tokenizer is None:

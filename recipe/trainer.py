@@ -19,7 +19,10 @@ from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
 
 from . import checkpointing
 from .config import FlyThinkerConfig
-from .data import SFTDataset, train_batch_indices
+from .data import SFTDataset, conversation, train_batch_indices
+from .generation import (eos_token_ids, generate_texts, make_rollout_group, rollout_config_from_training, row_seeds,
+                         sync_weights)
+from .metrics import compute_metrics, nltk_data_present
 from .workers import first_metrics, make_worker_group, release_worker_group
 
 logger = logging.getLogger(__name__)
@@ -69,13 +72,19 @@ class FlyThinkerTrainer:
         cfg = self.cfg
         self._load_data()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.workers, pool = make_worker_group(FlyThinkerTrainWorker, cfg.trainer.device,
-                                               cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes,
-                                               config=cfg.worker_config(self.total_steps))
+        # With validation-time generation, each bundle also hosts one rollout worker (half a GPU each).
+        self.generating = cfg.val_generation.num_samples > 0 and self.val_data is not None
+        self.workers, self.pool = make_worker_group(FlyThinkerTrainWorker, cfg.trainer.device,
+                                                    cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes,
+                                                    colocate=2 if self.generating else 1,
+                                                    config=cfg.worker_config(self.total_steps))
+        self.rollout = None
         try:
             return self._train()
         finally:
-            release_worker_group(self.workers, pool)
+            if self.rollout is not None:
+                release_worker_group(self.rollout, None)
+            release_worker_group(self.workers, self.pool)
 
     def _train(self) -> Path:
         cfg = self.cfg
@@ -87,7 +96,8 @@ class FlyThinkerTrainer:
             assert step == checkpointing.read_driver_state(resume)["step"]
             print(f"[flythinker] resumed from {resume} at step {step}", flush=True)
         # Records past the restart point come from a crashed (or an earlier, fresh-started) run.
-        checkpointing.truncate_jsonl(self.metrics_path, step)
+        for path in (self.metrics_path, self.out_dir / "val_generations.jsonl"):
+            checkpointing.truncate_jsonl(path, step)
         tracking = Tracking(cfg.trainer.project_name, cfg.trainer.experiment_name, list(cfg.trainer.logger),
                             config=asdict(cfg))
         print(f"[flythinker] {len(self.train_data)} train rows, {self.steps_per_epoch} steps/epoch, "
@@ -105,6 +115,7 @@ class FlyThinkerTrainer:
             last = step == self.total_steps
             if self._due(cfg.trainer.test_freq, step, last):
                 metrics.update(self.validate(step))
+                metrics.update(self.validate_generation(step))
             self._log(tracking, metrics, step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -125,8 +136,8 @@ class FlyThinkerTrainer:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        tracking.log({f"train/{k}" if not k.startswith("val") else k: v for k, v in clean.items()
-                      if k not in ("step",)}, step=step)
+        tracking.log({k if k.startswith("val") else f"train/{k}": v for k, v in clean.items() if k != "step"},
+                     step=step)
 
     def validate(self, step: int) -> dict:
         """Validation loss over the whole val set (token mean)."""
@@ -143,6 +154,35 @@ class FlyThinkerTrainer:
             loss_sum += out["val_loss_sum"]
             tokens += out["val_tokens"]
         return {"val_loss": loss_sum / max(tokens, 1), "val_seconds": time.perf_counter() - start}
+
+    def validate_generation(self, step: int) -> dict:
+        """Generate for the first val_generation.num_samples validation prompts with the current weights
+        (synced in memory to a colocated rollout group), score them, and keep the texts."""
+        if not self.generating:
+            return {}
+        cfg, vg = self.cfg, self.cfg.val_generation
+        start = time.perf_counter()
+        if self.rollout is None:
+            self.rollout, _ = make_rollout_group(rollout_config_from_training(cfg), cfg.trainer.n_gpus_per_node,
+                                                 cfg.trainer.nnodes, resource_pool=self.pool)
+        sync_weights(self.workers, self.rollout)
+        rows = self.val_data.rows[:vg.num_samples]
+        conversations = [conversation(row) for row in rows]
+        references = [row.get("reference") or messages[-1]["content"]
+                      for row, messages in zip(rows, conversations)]
+        ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
+        texts = generate_texts(self.rollout, self.tokenizer, [m[:-1] for m in conversations], vg,
+                               row_seeds(cfg.trainer.seed, ids), max_prompt_length=cfg.data.max_prompt_length,
+                               eos_ids=eos_token_ids(self.tokenizer, cfg.model.generator.path))
+        with open(self.out_dir / "val_generations.jsonl", "a") as f:
+            for row_id, text, reference in zip(ids, texts, references):
+                record = {"step": step, "id": row_id, "prediction": text, "reference": reference}
+                f.write(json.dumps(record) + "\n")
+        scores = compute_metrics(texts, references, self.tokenizer, position=False, meteor=nltk_data_present())
+        out = {f"val_gen/{k}": scores[k] for k in ("rouge1", "rougeL", "bleu", "meteor")
+               if isinstance(scores.get(k), (int, float))}
+        out["val_gen/seconds"] = time.perf_counter() - start
+        return out
 
     def save(self, step: int) -> Path:
         tmp = checkpointing.begin(self.ckpt_root, step)

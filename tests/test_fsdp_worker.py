@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import compose, tiny_overrides
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl import DataProto
 
 from flythinker_worker import FlyThinker
@@ -39,10 +39,11 @@ def reference_step(assets, batch, lam):
 @pytest.mark.parametrize("lam, checkpointing", [(0.5, False), (0.0, False), (0.5, True)])
 def test_two_gloo_workers_equal_one_process(ray_local, tiny_assets, tmp_path, lam, checkpointing):
     cfg = load_config(compose(tiny_overrides(
-        tiny_assets, tmp_path, f"fusion.lam={lam}", f"model.enable_gradient_checkpointing={checkpointing}", "data.train_batch_size=4", "data.micro_batch_size_per_gpu=1",
+        tiny_assets, tmp_path, f"fusion.lam={lam}", f"model.enable_gradient_checkpointing={checkpointing}",
+        "data.train_batch_size=4", "data.micro_batch_size_per_gpu=1",
         f"optim.lr={LR}", "optim.warmup_ratio=0.0", "optim.weight_decay=0.0", f"optim.clip_grad={CLIP}")))
-    data = SFTDataset(cfg.data.train_files, __import__("transformers").AutoTokenizer.from_pretrained(
-        tiny_assets / "tiny_models/generator"), 512, 192)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tiny_models/generator")
+    data = SFTDataset(cfg.data.train_files, tokenizer, 512, 192)
     # Rows of unequal response length: per-rank or per-micro-batch means would not match.
     batch = data.collate([0, 5, 9, 13])
     assert len(set((batch["labels"] != -100).sum(1).tolist())) > 1

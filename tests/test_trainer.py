@@ -24,6 +24,17 @@ def test_train_on_synthetic_data(ray_local, tiny_assets, tmp_path):
     losses = [r["loss"] for r in records]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses  # random init: ~7.6 -> < 6.5
     assert [r["step"] for r in records if "val_loss" in r] == [8, 16]
+    # Validation-time generation (tiny default: 4 prompts) on a rollout group synced from training.
+    for r in records:
+        assert ("val_gen/rouge1" in r) == (r["step"] in (8, 16))
+    generations = [json.loads(line) for line in (tmp_path / "val_generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [8] * 4 + [16] * 4
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    late = [g for g in generations if g["step"] == 16]
+    expected = 100 * sum(scorer.score(g["reference"], g["prediction"])["rouge1"].fmeasure for g in late) / 4
+    assert records[-1]["val_gen/rouge1"] == pytest.approx(expected, rel=1e-6)
 
     root = checkpointing.checkpoint_root(str(tmp_path))
     assert checkpointing.latest(root) == root / "global_step_16"

@@ -107,11 +107,15 @@ class FlyThinkerConfig:
                             seed=self.trainer.seed)
 
 
-def load_config(tree: Any) -> FlyThinkerConfig:
-    """FlyThinkerConfig from an OmegaConf tree or a plain dict; ValueError naming any bad key/value."""
+def build_from_tree(cls, tree: Any):
+    """Dataclass `cls` from a Hydra/OmegaConf tree or a plain dict (its `hydra` section ignored), strictly."""
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(tree, DictConfig):
         tree = OmegaConf.to_container(tree, resolve=True)
-    tree = {k: v for k, v in tree.items() if k != "hydra"}
-    return build(FlyThinkerConfig, tree)
+    return build(cls, {k: v for k, v in tree.items() if k != "hydra"})
+
+
+def load_config(tree: Any) -> FlyThinkerConfig:
+    """FlyThinkerConfig from an OmegaConf tree or a plain dict; ValueError naming any bad key/value."""
+    return build_from_tree(FlyThinkerConfig, tree)

@@ -23,9 +23,10 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from flythinker_worker.config import build, check
+from flythinker_worker.config import check
 from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig, check_model_path
 
+from .config import build_from_tree
 from .generation import (PredictionWriter, SamplingConfig, decode, eos_token_ids, generate_ids, pad_token_id,
                          row_seeds, tokenize_prompts)
 
@@ -102,8 +103,7 @@ def load_generate_config(tree: Any) -> GenerateConfig:
 
     if isinstance(tree, DictConfig):
         tree = OmegaConf.to_container(tree, resolve=True)
-    tree = {k: v for k, v in tree.items() if k != "hydra"}
-    return build(GenerateConfig, {"model": {}, "data": {}, "output": {}, **tree})
+    return build_from_tree(GenerateConfig, {"model": {}, "data": {}, "output": {}, **tree})
 
 
 def read_prompt_rows(files: list[str], max_rows: int | None = None) -> list[dict]:

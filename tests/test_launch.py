@@ -79,12 +79,16 @@ def free_port() -> int:
 
 
 def test_ray_job_submit_runs_train_sh(tiny_assets, tmp_path):
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, *agent_ports = (free_port() for _ in range(7))
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=8",
-         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+         f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+         # Every agent port explicit: the defaults clash with the other Ray instance the suite runs.
+         *(f"--{name}={port}" for name, port in zip(
+             ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+              "runtime-env-agent-port", "ray-client-server-port"), agent_ports))],
         cwd=REPO, env=ENV, start_new_session=True, stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT)
     try:
@@ -98,7 +102,7 @@ def test_ray_job_submit_runs_train_sh(tiny_assets, tmp_path):
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
         out_dir = tmp_path / "job"
-        for _ in range(30):  # the dashboard answers before its job agent is up: "No available agent"
+        for _ in range(10):  # the dashboard answers before its job agent is up: "No available agent"
             job = subprocess.run(
                 [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
                  *train_cmd(tiny_assets, out_dir, "trainer.total_training_steps=3")],

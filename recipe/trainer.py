@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -122,8 +124,11 @@ class FlyThinkerTrainer:
             if self._due(cfg.trainer.save_freq, step, last):
                 self.save(step)
         bar.close()
-        final = self.out_dir / "final"
-        self.workers.export_model(str(final))
+        final, partial = self.out_dir / "final", self.out_dir / ".final.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        self.workers.export_model(str(partial))  # renamed only once complete: final/ is never torn
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
         print(f"[flythinker] done: model -> {final}, metrics -> {self.metrics_path}, "
               f"checkpoints -> {self.ckpt_root}", flush=True)
         return final

@@ -59,3 +59,18 @@ def test_cli_fails_at_start_up_naming_the_key(tmp_path):
         assert proc.returncode != 0
         assert needle in proc.stderr + proc.stdout
         assert "Started a local Ray instance" not in proc.stderr  # failed before any work
+
+
+@pytest.mark.parametrize("system", ["non_pers", "rag", "sft", "flythinker"])
+def test_paper_systems_are_generation_configs(system):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from recipe.main_generate import load_generate_config
+
+    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
+        cfg = load_generate_config(hydra_compose(config_name="flythinker_generate", overrides=[f"+system={system}"]))
+    baseline = system in ("non_pers", "rag")
+    assert cfg.model.generator_only == baseline  # the untrained generator alone: lam 0, no reasoner
+    assert ("nohistory" in cfg.data.files[0]) == (system == "non_pers")
+    assert system in cfg.output.path or not baseline

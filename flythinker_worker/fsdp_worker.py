@@ -21,9 +21,9 @@ from verl.utils.torch_functional import get_constant_schedule_with_warmup, get_c
 
 from .config import WorkerConfig
 from .loading import load_flythinker
+from .model import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 def init_distributed(device: str) -> torch.device:

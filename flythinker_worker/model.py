@@ -231,11 +231,9 @@ class FlyThinker(nn.Module):
                 sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
             model.save_pretrained(out / name, state_dict=sub)
         if self.projection is not None:
-            weights = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
-            if state_dict is not None:
-                weights = {k[len("projection."):]: v.detach().cpu().contiguous()
-                           for k, v in state_dict.items() if k.startswith("projection.")}
-            save_file(weights, str(out / PROJECTION_WEIGHTS))
+            source = self.projection.state_dict() if state_dict is None else {
+                k[len("projection."):]: v for k, v in state_dict.items() if k.startswith("projection.")}
+            save_file({k: v.detach().cpu().contiguous() for k, v in source.items()}, str(out / PROJECTION_WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
             tokenizer.save_pretrained(str(out / "generator"))

@@ -9,8 +9,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from flythinker_worker.model import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def conversation(row: dict) -> list[dict]:
@@ -51,7 +57,7 @@ class SFTDataset:
     def __init__(self, files: list[str], tokenizer, max_prompt_length: int, max_response_length: int,
                  desc: str = "tokenising"):
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.rows = read_rows(files)
         if not self.rows:
             raise ValueError(f"no rows in {files}")

@@ -32,6 +32,7 @@ from verl import DataProto
 
 from flythinker_worker.config import check
 from flythinker_worker.rollout_worker import FlyThinkerRolloutWorker, RolloutConfig, RolloutModelConfig
+from .data import pad_token_id
 from .workers import make_worker_group, release_worker_group
 
 logger = logging.getLogger(__name__)
@@ -142,10 +143,6 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[to
         input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, width - len(ids):] = 1
     return input_ids, attention_mask
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def eos_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> list[int]:

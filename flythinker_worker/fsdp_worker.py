@@ -8,7 +8,6 @@ does not depend on micro-batch size or data-parallel width. Runs on CUDA/NCCL or
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -22,60 +21,10 @@ from verl.utils.torch_functional import get_constant_schedule_with_warmup, get_c
 from .config import WorkerConfig
 from .loading import load_flythinker
 from .model import IGNORE_INDEX
+from .sharding import init_distributed, param_groups, shard_flythinker
+from .utils import resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def init_distributed(device: str) -> torch.device:
-    """Join the process group verl's Worker env describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
-    if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-    else:
-        torch_device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    return torch_device
-
-
-def shard_flythinker(model, device: str, param_dtype: torch.dtype, cpu_offload: bool,
-                     reshard_after_forward: bool):
-    """fully_shard every decoder layer of both LMs, then ONE root over the FlyThinker module (separate
-    roots break fusion, which reads the generator's embedding table outside the generator's forward)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
-    kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
-    if param_dtype != torch.float32:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    for lm in (model.generator, model.reasoner):
-        if lm is not None:
-            for layer in lm.base_model.layers:
-                fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-def param_groups(model, lr: float, reasoner_lr: float | None, weight_decay: float) -> list[dict]:
-    """AdamW groups: generator (+ projection) and reasoner lrs; no decay on biases and norm weights."""
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        role = "reasoner" if name.startswith("reasoner.") else "generator"
-        decay = param.ndim >= 2
-        key = (role, decay)
-        if key not in groups:
-            group_lr = reasoner_lr if role == "reasoner" and reasoner_lr is not None else lr
-            groups[key] = {"params": [], "lr": group_lr, "weight_decay": weight_decay if decay else 0.0,
-                           "name": f"{role}{'' if decay else '_no_decay'}"}
-        groups[key]["params"].append(param)
-    return list(groups.values())
 
 
 class FlyThinkerTrainWorker(Worker):
@@ -105,8 +54,7 @@ class FlyThinkerTrainWorker(Worker):
             for lm in (model.generator, model.reasoner):
                 if lm is not None:
                     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32,
-                       "auto": torch.bfloat16 if cfg.device == "cuda" else torch.float32}[cfg.fsdp.param_dtype]
+        param_dtype = resolve_dtype(cfg.fsdp.param_dtype, cfg.device)
         if not cfg.fsdp.cpu_offload:
             model.to(self.device)
         self.model = shard_flythinker(model, cfg.device, param_dtype, cfg.fsdp.cpu_offload,

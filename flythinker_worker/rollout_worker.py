@@ -6,7 +6,7 @@ can be replaced in memory from the training group (`load_weights(train_group.get
 so validation-time generation needs no disk round trip.
 
 `generate` contract (DP_COMPUTE_PROTO: the driver's batch is split evenly over the workers, so its size
-must be a multiple of the worker count; recipe.generation pads with filler rows and drops them):
+must be a multiple of the worker count; recipe.rollout pads with filler rows and drops them):
   batch:      input_ids (B, P) long, LEFT-padded; attention_mask (B, P); seed (B,) long, one per row
   meta_info:  max_new_tokens, temperature, top_p, top_k, eos_token_id (int | list), pad_token_id
   returns:    responses (B, max_new_tokens) long, right-padded with pad_token_id (a fixed width, so the
@@ -17,7 +17,6 @@ must be a multiple of the worker count; recipe.generation pads with filler rows 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from verl.single_controller.base.decorator import Dispatch, register
 from .config import FusionConfig, check
 from .decoding import PairedDecoder
 from .model import CONFIG_NAME, FlyThinker
+from .utils import DTYPES, local_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "eos_token_id", "pad_token_id")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -60,7 +59,8 @@ class RolloutModelConfig:
 
     def __post_init__(self):
         check(bool(self.path), "model.path", "is required (a FlyThinker checkpoint or an HF generator folder)")
-        check(self.dtype in ("auto", *DTYPES), "model.dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}")
+        check(self.dtype in ("auto", *DTYPES), "model.dtype",
+              f"must be auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         pair = self.fusion is not None and self.fusion.lam != 0 and not self.generator_only
         check(not pair or self.is_checkpoint or bool(self.reasoner_path), "model.reasoner_path",
               "is required when model.path is a plain HF generator and model.fusion.lam != 0")
@@ -82,9 +82,7 @@ class RolloutConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.model.dtype == "auto":
-            return torch.bfloat16 if self.device == "cuda" else torch.float32
-        return DTYPES[self.model.dtype]
+        return resolve_dtype(self.model.dtype, self.device)
 
 
 def check_model_path(path: str) -> None:
@@ -129,12 +127,7 @@ class FlyThinkerRolloutWorker(Worker):
     def init_model(self) -> dict:
         """Load the model onto this worker's device. Returns a summary (params, lam, dtype, device)."""
         cfg = self.config
-        if cfg.device == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local_rank)
-            self.device = torch.device("cuda", local_rank)
-        else:
-            self.device = torch.device("cpu")
+        self.device = local_device(cfg.device)
         self.model = build_rollout_model(cfg).to(self.device).eval()
         self.decoder = PairedDecoder(self.model)
         summary = {"params": sum(p.numel() for p in self.model.parameters()), "lam": self.model.lam,

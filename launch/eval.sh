@@ -6,7 +6,7 @@
 # Hardware: CPU is enough (ROUGE/BLEU/METEOR are CPU-only); a GPU, when present, only speeds up
 # BERTScore, which runs only with a local model (BERTSCORE_MODEL or --bertscore-model).
 # Needs NLTK's WordNet + punkt_tab for METEOR: bash scripts/install_wordnet.sh (scripts/setup.sh runs it).
-# Arguments are passed through to `python -m recipe.metrics`; later flags override the defaults below.
+# Arguments are passed through to `python -m evaluation.report`; later flags override the defaults below.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,4 +19,4 @@ if [[ -n "$TOKENIZER" ]]; then defaults+=(--tokenizer "$TOKENIZER"); fi
 
 # No cd: relative prediction/output paths stay relative to the caller's directory.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m recipe.metrics "${defaults[@]}" "$@"
+exec "$PYTHON" -m evaluation.report "${defaults[@]}" "$@"

@@ -13,4 +13,4 @@ PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
 
-exec "$PYTHON" -m recipe.main_generate "$@"
+exec "$PYTHON" -m evaluation.main_generate "$@"

@@ -8,21 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
+from flythinker_worker.utils import read_jsonl, write_text_atomic
+
 LATEST = "latest_checkpointed_iteration.txt"  # verl's name for the pointer
 COMPLETE = "COMPLETE"
 
 
 def checkpoint_root(default_local_dir: str) -> Path:
     return Path(default_local_dir) / "checkpoints"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def begin(root: Path, step: int) -> Path:
@@ -40,7 +33,7 @@ def commit(root: Path, tmp: Path, step: int, driver_state: dict, keep: int | Non
     final = root / f"global_step_{step}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, str(step))
+    write_text_atomic(root / LATEST, str(step))
     if keep is not None:
         steps = sorted(int(p.name.rsplit("_", 1)[1]) for p in root.glob("global_step_*") if p.is_dir())
         for old in steps[:-keep]:
@@ -70,12 +63,5 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop records past `max_step` (written by a run that crashed after its last checkpoint)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the crash
-            continue
-        if record.get("step", 0) <= max_step:
-            kept.append(line)
-    _write_atomic(path, "".join(f"{line}\n" for line in kept))
+    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= max_step]
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -21,10 +21,7 @@ def pad_token_id(tokenizer) -> int:
 
 def conversation(row: dict) -> list[dict]:
     """The row's messages, ending with the assistant turn (`messages`, or `prompt` + `response`)."""
-    return _messages(row, *row.get("_source", ("<rows>", "?")))
-
-
-def _messages(row, path: str, index) -> list[dict]:
+    path, index = row.get("_source", ("<rows>", "?"))
     if "messages" in row and row["messages"] is not None:
         messages = [dict(m) for m in row["messages"]]
     elif "prompt" in row and "response" in row:
@@ -34,6 +31,25 @@ def _messages(row, path: str, index) -> list[dict]:
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError(f"{path} row {index}: the last message must be the assistant turn")
     return messages
+
+
+def prompt_ids(tokenizer, messages, max_prompt_length: int | None = None) -> tuple[list[int], bool]:
+    """(ids, cut): the chat-templated prompt (system/user turns, no assistant turn) with the assistant
+    header appended. Over budget it keeps its LAST tokens: the query and the header sit at the end."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False))
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        return ids[-max_prompt_length:], True
+    return ids, False
+
+
+def response_ids(tokenizer, text: str, max_response_length: int | None = None) -> tuple[list[int], bool]:
+    """(ids, cut): the assistant text's tokens then EOS; over budget the end is cut."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if max_response_length is not None and len(ids) > max_response_length:
+        return ids[:max_response_length], True
+    return ids, False
 
 
 def read_rows(files: list[str]) -> list[dict]:
@@ -64,16 +80,12 @@ class SFTDataset:
         self.prompts, self.responses = [], []
         cut_prompts = cut_responses = 0
         for row in tqdm(self.rows, desc=desc, leave=False):
-            messages = _messages(row, *row["_source"])
-            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
-            response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-            response = response + [tokenizer.eos_token_id]
-            if len(prompt) > max_prompt_length:
-                prompt, cut_prompts = prompt[-max_prompt_length:], cut_prompts + 1
-            if len(response) > max_response_length:
-                response, cut_responses = response[:max_response_length], cut_responses + 1
-            self.prompts.append(list(prompt))
+            messages = conversation(row)
+            prompt, cut_prompt = prompt_ids(tokenizer, messages[:-1], max_prompt_length)
+            response, cut_response = response_ids(tokenizer, messages[-1]["content"], max_response_length)
+            cut_prompts += cut_prompt
+            cut_responses += cut_response
+            self.prompts.append(prompt)
             self.responses.append(response)
         if cut_prompts or cut_responses:
             logger.warning("%s: truncated %d prompts and %d responses to the length budget", files,

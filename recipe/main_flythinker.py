@@ -6,28 +6,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig
 
 from .config import load_config
-
-RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VERL_LOGGING_LEVEL": "WARNING"}}
-
-
-def init_ray(device: str) -> None:
-    """Join the cluster `ray job submit` (RAY_ADDRESS) points at, or start a private local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs = {"runtime_env": RUNTIME_ENV}
-    if not os.environ.get("RAY_ADDRESS") and device == "cpu":
-        # A private instance (never someone's `ray start` cluster); logical CPUs so that training and
-        # rollout groups (one CPU per worker each) fit on a 2-core laptop.
-        kwargs.update(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 8))
-    ray.init(**kwargs)
+from .workers import init_ray
 
 
 def run(tree) -> str:

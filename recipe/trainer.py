@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,13 +16,13 @@ from verl import DataProto
 from verl.utils.tracking import Tracking
 
 from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
+from flythinker_worker.utils import atomic_directory
 
 from . import checkpointing
 from .config import FlyThinkerConfig
 from .data import SFTDataset, conversation, train_batch_indices
-from .generation import (eos_token_ids, generate_texts, make_rollout_group, rollout_config_from_training, row_seeds,
-                         sync_weights)
-from .metrics import compute_metrics, nltk_data_present
+from .rollout import (eos_token_ids, generate_texts, make_rollout_group, rollout_config_from_training, row_seeds,
+                      sync_weights)
 from .workers import first_metrics, make_worker_group, release_worker_group
 
 logger = logging.getLogger(__name__)
@@ -124,11 +122,9 @@ class FlyThinkerTrainer:
             if self._due(cfg.trainer.save_freq, step, last):
                 self.save(step)
         bar.close()
-        final, partial = self.out_dir / "final", self.out_dir / ".final.tmp"
-        shutil.rmtree(partial, ignore_errors=True)
-        self.workers.export_model(str(partial))  # renamed only once complete: final/ is never torn
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        final = self.out_dir / "final"
+        with atomic_directory(final) as partial:  # renamed only once complete: final/ is never torn
+            self.workers.export_model(str(partial))
         print(f"[flythinker] done: model -> {final}, metrics -> {self.metrics_path}, "
               f"checkpoints -> {self.ckpt_root}", flush=True)
         return final
@@ -183,6 +179,10 @@ class FlyThinkerTrainer:
             for row_id, text, reference in zip(ids, texts, references):
                 record = {"step": step, "id": row_id, "prediction": text, "reference": reference}
                 f.write(json.dumps(record) + "\n")
+        # Scoring is evaluation's job; imported only when validation-time generation is on, so training
+        # itself never loads the metric packages (rouge-score, sacrebleu, nltk).
+        from evaluation.metrics import compute_metrics, nltk_data_present
+
         scores = compute_metrics(texts, references, self.tokenizer, position=False, meteor=nltk_data_present())
         out = {f"val_gen/{k}": scores[k] for k in ("rouge1", "rougeL", "bleu", "meteor")
                if isinstance(scores.get(k), (int, float))}

@@ -1,10 +1,27 @@
-"""Ray worker groups for the driver: on GPUs or on CPUs (gloo), released explicitly."""
+"""Ray for the driver: joining or starting a cluster, worker groups on GPUs or CPUs (gloo), released
+explicitly."""
 
 from __future__ import annotations
+
+import os
 
 import ray
 from verl import DataProto
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VERL_LOGGING_LEVEL": "WARNING"}}
+
+
+def init_ray(device: str) -> None:
+    """Join the cluster `ray job submit` (RAY_ADDRESS) points at, or start a private local one."""
+    if ray.is_initialized():
+        return
+    kwargs = {"runtime_env": RUNTIME_ENV}
+    if not os.environ.get("RAY_ADDRESS") and device == "cpu":
+        # A private instance (never someone's `ray start` cluster); logical CPUs so that training and
+        # rollout groups (one CPU per worker each) fit on a 2-core laptop.
+        kwargs.update(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 8))
+    ray.init(**kwargs)
 
 
 def make_worker_group(worker_cls, device: str, n_per_node: int, nnodes: int = 1, colocate: int = 1,

@@ -66,7 +66,7 @@ def test_paper_systems_are_generation_configs(system):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from recipe.main_generate import load_generate_config
+    from evaluation.main_generate import load_generate_config
 
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
         cfg = load_generate_config(hydra_compose(config_name="flythinker_generate", overrides=[f"+system={system}"]))

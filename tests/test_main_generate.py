@@ -1,4 +1,4 @@
-"""recipe.main_generate / launch/generate.sh: every field of the predictions JSONL against in-process
+"""evaluation.main_generate / launch/generate.sh: every field of the predictions JSONL against in-process
 decoding done here (own chat templating, own crc32 seeds), resume after an interruption with a torn last
 line, refusing to resume with other settings, strict config, and the generator-only baseline against
 transformers' own greedy `generate`."""
@@ -19,7 +19,7 @@ from test_rollout_worker import varied_pair, write_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flythinker_worker import FlyThinker, PairedDecoder
-from recipe.main_generate import load_generate_config, run
+from evaluation.main_generate import load_generate_config, run
 
 pytestmark = pytest.mark.slow
 FIELDS = {"id", "user_id", "task", "prompt", "prediction", "reference", "n_tokens", "seconds"}

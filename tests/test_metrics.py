@@ -1,4 +1,4 @@
-"""recipe.metrics against independent computations: the libraries called directly, hand-computed values,
+"""evaluation.metrics / bertscore / report against independent computations: the libraries called directly, hand-computed values,
 exact position segments, BERTScore by hand on tiny random-init encoders, the CLI's artefacts, bad input.
 
 METEOR needs WordNet + punkt_tab (scripts/install_wordnet.sh, run by scripts/setup.sh): without them the
@@ -20,8 +20,10 @@ from nltk.translate.meteor_score import single_meteor_score
 from rouge_score import rouge_scorer
 
 from flythinker_worker.tiny import TOKENIZER_DIR, load_tiny_tokenizer
-from recipe.metrics import (InputError, MissingNltkData, bertscore_samples, compute_metrics,
-                            load_predictions, main, position_segments, require_nltk_data)
+from evaluation.bertscore import bertscore_samples
+from evaluation.metrics import MissingNltkData, compute_metrics, position_segments, require_nltk_data
+from evaluation.predictions import InputError, load_predictions
+from evaluation.report import main
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [  # (prediction, reference): several sentences, punctuation, repeats, an empty prediction

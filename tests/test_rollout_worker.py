@@ -15,7 +15,7 @@ from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig
 from flythinker_worker.tiny import tiny_pair
 from recipe.config import load_config
 from recipe.data import SFTDataset
-from recipe.generation import (make_rollout_group, rollout_config_from_training,
+from recipe.rollout import (make_rollout_group, rollout_config_from_training,
                                sync_weights)
 from recipe.workers import release_worker_group
 
@@ -113,8 +113,8 @@ def test_group_equals_in_process_decoding_row_by_row(ckpt_group, checkpoint, mod
 
 
 def test_driver_helpers_pad_to_the_worker_count_and_keep_row_seeds(ckpt_group, checkpoint):
-    """recipe.generation: 5 rows on 2 workers (a filler row), chat templating done by the helper."""
-    from recipe.generation import generate_texts
+    """recipe.rollout: 5 rows on 2 workers (a filler row), chat templating done by the helper."""
+    from recipe.rollout import generate_texts
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     messages = [[{"role": "user", "content": t}] for t in ["Hello", "Write a review.", "Verdict?", "Tent", "Bag"]]

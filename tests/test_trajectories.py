@@ -1,4 +1,4 @@
-"""recipe.trajectories against independent computations: numpy SVD for the PCA projection, known
+"""evaluation.trajectories against independent computations: numpy SVD for the PCA projection, known
 directions on constructed points, the reasoner run directly for the collected latents, the CLI's files
 and its error messages."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flythinker_worker.model import FlyThinker
-from recipe.trajectories import (NO_LATENTS, collect_latents, fit_directions, main, project_points,
+from evaluation.trajectories import (NO_LATENTS, collect_latents, fit_directions, main, project_points,
                                  select_rows, tokenize_row)
 from conftest import make_pair
 

@@ -1,7 +1,7 @@
 """Latent reasoning trajectories (the paper's Appendix H): where the Reasoner's per-token latent moves while a
 response is read, for a few users, projected jointly to 2-D.
 
-    python -m recipe.trajectories --model checkpoints/flythinker/tiny/final \
+    python -m evaluation.trajectories --model checkpoints/flythinker/tiny/final \
         --data data/product_review/val.parquet --out outputs/trajectories --users 4 --samples-per-user 3
 
 `--model` is a FlyThinker checkpoint (flythinker.json, loaded with its stored lam/projection) or a folder
@@ -31,7 +31,6 @@ Across users: resultant length of the user directions (1 = all users move alike)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -42,12 +41,12 @@ import pandas as pd
 import torch
 
 from flythinker_worker.model import CONFIG_NAME, FlyThinker, Projection, embedding_scale, hidden_size
-from recipe.data import _messages
+from flythinker_worker.utils import DTYPES, write_json_atomic
+from recipe.data import conversation, prompt_ids, response_ids
 
-logger = logging.getLogger("recipe.trajectories")
+logger = logging.getLogger(__name__)
 NO_LATENTS = "no reasoner latents to plot"
 LATENTS, METHODS, FITS = ("rescaled", "raw"), ("pca", "tsne"), ("lsq", "pca")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---- model and data --------------------------------------------------------------------------------------
@@ -103,11 +102,10 @@ def tokenize_row(tokenizer, row: dict, max_prompt_length: int, max_response_leng
     only `prompt` + `reference` (an eval file) is teacher-forced on its reference."""
     if row.get("messages") is None and "response" not in row and "reference" in row:
         row = {**row, "response": row["reference"]}
-    messages = _messages(row, *row.get("_source", ("rows", 0)))
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)
-    response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return list(prompt)[-max_prompt_length:], response[:max_response_length]
+    messages = conversation(row)
+    prompt, _ = prompt_ids(tokenizer, messages[:-1], max_prompt_length)
+    response, _ = response_ids(tokenizer, messages[-1]["content"], max_response_length)
+    return prompt, response
 
 
 @torch.no_grad()
@@ -295,7 +293,7 @@ def run(model, tokenizer, rows: list[dict], out: Path, method: str = "pca", fit:
               "latent_norm_mean": float(norms.mean()), "explained_variance_ratio": explained,
               **summary, **(meta or {})}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trajectories.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(out / "trajectories.json", report)
     axes = ([f"PC{i + 1} ({100 * v:.1f}% var)" for i, v in enumerate(explained)] if explained
             else ["t-SNE 1", "t-SNE 2"])
     title = (f"Reasoner latent trajectories ({latent} latents, {method.upper()}, {fit} fit; "
@@ -306,7 +304,7 @@ def run(model, tokenizer, rows: list[dict], out: Path, method: str = "pca", fit:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m recipe.trajectories", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evaluation.trajectories", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="FlyThinker checkpoint, or folder with generator/ reasoner/")
     parser.add_argument("--data", required=True, help="verl parquet with user_id and messages columns")

@@ -2,19 +2,12 @@
 on the same batch, in ONE process, the two variants interleaved step by step so that load from other
 jobs on a shared machine hits both alike. No Ray, no FSDP: a single device, forward + backward + AdamW.
 
-    python -m recipe.bench_train                                  # tiny pair, CPU, fp32 (defaults below)
-    python -m recipe.bench_train --generator /models/Qwen2.5-7B-Instruct \
+    python -m bench.train                                  # tiny pair, CPU, fp32 (defaults below)
+    python -m bench.train --generator /models/Qwen2.5-7B-Instruct \
         --reasoner /models/Qwen2.5-1.5B-Instruct --device cuda --dtype bf16 \
         --batch-size 2 --seq-len 2048 --warmup 3 --steps 10 --gradient-checkpointing
 
-Measured on the team's 2-core CPU container (no GPU; torch 2.13 CPU build, transformers 5.10, fp32),
-shared with other jobs (load average 4-6), so single numbers move by 2-10x between runs:
-  `python -m recipe.bench_train` (tiny pair, B=8 T=256, 20 steps, 2 threads): sft 62.9 ms, flythinker
-      76.4 ms, ratio 1.21 (per-round 1.28); ideal non-embedding 1.252, as run 1.091.
-  random-init 3.7M/1.05M pair from config.json (d 256/128, 4 layers each, V 2048), B=4 T=256, 10 steps,
-      `--threads 1`: sft 333 ms, flythinker 416 ms, ratio 1.25 (per-round 1.35); ideal non-embedding 1.250,
-      as run 1.215. On a busy 2-core box `--threads 1` gave far steadier steps than 2 threads.
-No GPU number yet: run the second command above on a GPU machine (the docstring is the place to add it).
+Measured figures: README.md, section Performance.
 
 A model folder with config.json but no weight files is built random-init from its config (timing does
 not depend on the weight values), so GPU machines without downloaded weights can still measure.
@@ -39,7 +32,6 @@ each; ~1 means the reasoner costs what its FLOPs say.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -48,9 +40,7 @@ from pathlib import Path
 import torch
 
 from flythinker_worker.model import IGNORE_INDEX, FlyThinker
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from flythinker_worker.utils import DTYPES, write_json_atomic
 
 def param_counts(model) -> dict[str, int]:
     """total (tied tables once), embedding (input table + an untied LM head), non_embedding, head (V * d)."""
@@ -233,7 +223,7 @@ def report_lines(r: dict) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m recipe.bench_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", help="HF model folder (weights, or config.json only: random init)")
     parser.add_argument("--reasoner", help="HF model folder; required with --generator")
@@ -251,7 +241,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", default="bench_results/train.json", help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     if (args.generator is None) != (args.reasoner is None):
         parser.error("give both --generator and --reasoner, or neither (tiny pair)")
@@ -269,8 +259,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     result = bench(args)
     print("\n".join(report_lines(result)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.json, result)
+    print(f"results -> {args.json}")
     return result
 
 

@@ -1,6 +1,7 @@
 """Driver-side generation helpers around a FlyThinkerRolloutWorker group: chat-template tokenisation,
-left padding, per-row seeds, filler rows, weight sync from the training group, decoding to text, and a
-resumable predictions JSONL writer. The driver never touches ranks or devices.
+left padding, per-row seeds, filler rows, weight sync from the training group, decoding to text. Used by
+the trainer (validation-time generation) and by evaluation.main_generate. The driver never touches ranks
+or devices.
 
 Validation-time generation in the trainer (a rollout group kept in sync with the training group):
 
@@ -19,7 +20,6 @@ pool with max_colocate_count=2 and pass it as make_rollout_group(..., resource_p
 from __future__ import annotations
 
 import json
-import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -32,10 +32,8 @@ from verl import DataProto
 
 from flythinker_worker.config import check
 from flythinker_worker.rollout_worker import FlyThinkerRolloutWorker, RolloutConfig, RolloutModelConfig
-from .data import pad_token_id
+from .data import pad_token_id, prompt_ids
 from .workers import make_worker_group, release_worker_group
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,17 +117,8 @@ def row_seeds(base_seed: int, row_ids: Sequence[str]) -> list[int]:
 
 def tokenize_prompts(tokenizer, prompts_messages: Sequence[Sequence[dict]], max_prompt_length: int | None = None
                      ) -> list[list[int]]:
-    """Chat-templated prompt ids with the assistant header appended (add_generation_prompt). Prompts over
-    budget keep their LAST tokens (the query and the assistant header), as training does."""
-    out = []
-    for messages in prompts_messages:
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False))
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            ids = ids[-max_prompt_length:]
-        out.append(ids)
-    return out
+    """Chat-templated prompt ids of each prompt, cut as training cuts them (recipe.data.prompt_ids)."""
+    return [prompt_ids(tokenizer, messages, max_prompt_length)[0] for messages in prompts_messages]
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,87 +202,3 @@ def generate_texts(worker_group, tokenizer, prompts_messages: Sequence[Sequence[
         generated, _ = generate_ids(worker_group, ids, seeds[begin:begin + step], sampling, pad_id, eos_ids)
         texts += [decode(tokenizer, g) for g in generated]
     return texts
-
-
-# ---- resumable predictions file ----------------------------------------------------------------------------
-
-class PredictionWriter:
-    """Predictions JSONL, one object per line with a unique `id`, appended and flushed per batch, so a
-    killed run loses at most its current batch. Reopening reads the ids already there (`done`) and
-    repairs a torn last line (a partial write from a crash) by truncating it away; a bad line anywhere
-    else is an error, never silently dropped. `settings` (what changes the outputs: model, data,
-    sampling, seed) is kept in `<path>.meta.json`; resuming with different settings is refused."""
-
-    def __init__(self, path: str | os.PathLike, settings: dict | None = None, overwrite: bool = False):
-        self.path = Path(path)
-        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for p in (self.path, self.meta_path):
-                p.unlink(missing_ok=True)
-        self._check_settings(settings)
-        self.done: set[str] = self._recover() if self.path.exists() else set()
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def _check_settings(self, settings: dict | None) -> None:
-        if settings is None:
-            return
-        settings = json.loads(json.dumps(settings))  # the JSON view (tuples -> lists) for comparing
-        if self.meta_path.exists() and self.path.exists():
-            old = json.loads(self.meta_path.read_text())
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if diff:
-                changes = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-                raise ValueError(f"{self.path} was generated with other settings ({changes}); use another "
-                                 "output.path, or output.overwrite=true to start over")
-        tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.meta_path)
-
-    def _recover(self) -> set[str]:
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")  # the last piece is b"" when the file ends with a newline
-        done, offset, keep = set(), 0, 0
-        for number, line in enumerate(lines, start=1):
-            last = number == len(lines) or (number == len(lines) - 1 and lines[-1] == b"")
-            try:
-                record = json.loads(line) if line.strip() else None
-                ok = record is None or (isinstance(record, dict) and "id" in record)
-            except ValueError:
-                ok = False
-            complete = number < len(lines)  # newline-terminated
-            if not ok or not complete:
-                if last:
-                    break  # a torn tail: dropped below
-                raise ValueError(f"{self.path} line {number} is not a predictions record; fix or delete the file")
-            offset += len(line) + 1
-            if record is not None:
-                if record["id"] in done:
-                    raise ValueError(f"{self.path} line {number}: duplicate id {record['id']!r}")
-                done.add(str(record["id"]))
-            keep = offset
-        if keep < len(data):
-            logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", self.path,
-                           len(data) - keep)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-        return done
-
-    def write(self, records: Sequence[dict]) -> None:
-        """Append `records` (each with a new `id`) and flush them to disk."""
-        for record in records:
-            if record["id"] in self.done:
-                raise ValueError(f"id {record['id']!r} is already in {self.path}")
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.done.add(record["id"])
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> PredictionWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

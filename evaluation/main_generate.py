@@ -1,7 +1,7 @@
 """Hydra entry point of FlyThinker generation: a parquet split -> a predictions JSONL that
-`python -m recipe.metrics` (launch/eval.sh) scores.
+`python -m evaluation.report` (launch/eval.sh) scores.
 
-    python -m recipe.main_generate [overrides]          # or: bash launch/generate.sh [overrides]
+    python -m evaluation.main_generate [overrides]          # or: bash launch/generate.sh [overrides]
 
 One JSON object per row: id, user_id, task, prompt (the user-turn text), prediction, reference,
 n_tokens (generated tokens, EOS included), seconds (the row's batch wall time / rows in the batch).
@@ -26,9 +26,11 @@ from tqdm import tqdm
 from flythinker_worker.config import check
 from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig, check_model_path
 
-from .config import build_from_tree
-from .generation import (PredictionWriter, SamplingConfig, decode, eos_token_ids, generate_ids, pad_token_id,
-                         row_seeds, tokenize_prompts)
+from recipe.config import build_from_tree
+from recipe.rollout import (SamplingConfig, decode, eos_token_ids, generate_ids, pad_token_id, row_seeds,
+                            tokenize_prompts)
+
+from .predictions import PredictionWriter
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +159,8 @@ def run(tree) -> str:
 
 
 def _generate(cfg: GenerateConfig, rows: list[dict], todo: list[dict], writer: PredictionWriter, tokenizer):
-    from .generation import make_rollout_group
-    from .workers import release_worker_group
-    from .main_flythinker import init_ray
+    from recipe.rollout import make_rollout_group
+    from recipe.workers import init_ray, release_worker_group
 
     g = cfg.generation
     pad_id, eos_ids = pad_token_id(tokenizer), eos_token_ids(tokenizer, cfg.model.path)

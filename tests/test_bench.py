@@ -1,4 +1,4 @@
-"""Smoke tests of recipe.bench_train: tiny sizes, 1 step, no timing assertions. The printed ideal ratios are
+"""Smoke tests of bench.train: tiny sizes, 1 step, no timing assertions. The printed ideal ratios are
 checked against parameter counts computed independently from the Qwen2 configs (closed-form formula)."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flythinker_worker.tiny import load_tiny_tokenizer, tiny_config
-from recipe.bench_train import build, main, make_batch, train_step
+from bench.train import build, main, make_batch, train_step
 
 TINY = ["--batch-size", "2", "--seq-len", "16", "--warmup", "0", "--steps", "1"]
 

@@ -1,0 +1,1 @@
+"""Generation and evaluation: predictions from a trained FlyThinker, LongLaMP metrics, reports, analysis."""

@@ -24,11 +24,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from flythinker_worker.config import check
-from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig, check_model_path
+from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig
+from flythinker_worker.model import check_checkpoint
+from flythinker_worker.utils import check_model_source
 
-from recipe.config import build_from_tree
-from recipe.rollout import (SamplingConfig, decode, eos_token_ids, generate_ids, pad_token_id, row_seeds,
-                            tokenize_prompts)
+from recipe.config import SamplingConfig, build_from_tree
+from recipe.rollout import decode, eos_token_ids, generate_ids, pad_token_id, row_seeds, tokenize_prompts
 
 from .predictions import PredictionWriter
 
@@ -143,7 +144,11 @@ def run(tree) -> str:
     from transformers import AutoTokenizer
 
     cfg = load_generate_config(tree)
-    check_model_path(cfg.model.path)
+    check_model_source(cfg.model.path, "model.path")
+    if cfg.model.is_checkpoint:
+        check_checkpoint(cfg.model.path, tokenizer=True)
+    if cfg.model.reasoner_path:
+        check_model_source(cfg.model.reasoner_path, "model.reasoner_path")
     rows = read_prompt_rows(cfg.data.files, cfg.data.max_rows)
     writer = PredictionWriter(cfg.output.path, cfg.settings(), overwrite=cfg.output.overwrite)
     try:

@@ -4,6 +4,7 @@ driver uses for the whole config: an unknown key or a bad value is a ValueError 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ def _convert(value, annotation, path: str):
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan/inf never make a sensible hyperparameter
+            _fail(path, f"expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -81,9 +84,17 @@ def check(condition: bool, path: str, message: str) -> None:
         _fail(path, message)
 
 
+def check_attn_implementation(value: str, path: str) -> None:
+    check(value in ATTN_IMPLEMENTATIONS, path, f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}")
+
+
 @dataclass
 class PathConfig:
     path: str = ""
+
+
+# transformers' attention back-ends (flash_attention_* need the `gpu` extra on CUDA).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -96,6 +107,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check(bool(self.generator.path), "model.generator.path", "is required")
+        check_attn_implementation(self.attn_implementation, "model.attn_implementation")
 
 
 @dataclass
@@ -105,8 +117,13 @@ class FusionConfig:
     projection: str = "pad"
 
     def __post_init__(self):
+        # lam < 0 would subtract the reasoner's signal: never meant, and a sign typo trains silently.
+        check(self.lam >= 0, "fusion.lam", f"must be >= 0 (0 = SFT of the generator), got {self.lam}")
         parse_enum(Positions, self.positions, "fusion.positions")
         parse_enum(Projection, self.projection, "fusion.projection")
+
+
+LR_SCHEDULERS = ("constant", "cosine")
 
 
 @dataclass
@@ -125,10 +142,14 @@ class OptimConfig:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         check(self.reasoner_lr is None or self.reasoner_lr >= 0, "optim.reasoner_lr", "must be >= 0")
         check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        check(self.lr_scheduler in ("constant", "cosine"), "optim.lr_scheduler",
-              f"must be constant or cosine, got {self.lr_scheduler!r}")
-        check(len(self.betas) == 2, "optim.betas", "needs two values")
-        check(self.clip_grad > 0, "optim.clip_grad", "must be > 0")
+        check(self.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler",
+              f"must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              f"needs two values in [0, 1), got {self.betas}")
+        check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.clip_grad > 0, "optim.clip_grad", f"must be > 0, got {self.clip_grad}")
 
 
 @dataclass

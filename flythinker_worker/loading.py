@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .model import CONFIG_NAME, FlyThinker
+from .model import CONFIG_NAME, FlyThinker, check_checkpoint
 
 
 def check_same_vocabulary(generator_tokenizer, reasoner_tokenizer) -> None:
@@ -30,6 +30,7 @@ def load_flythinker(generator_path: str, reasoner_path: str | None, lam: float, 
     weights (and projection) are loaded while `lam`/`positions`/`projection` come from the arguments."""
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if os.path.exists(os.path.join(generator_path, CONFIG_NAME)):
+        check_checkpoint(generator_path, tokenizer=True)
         checkpoint = FlyThinker.from_pretrained(generator_path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(generator_path, trust_remote_code=trust_remote_code)
         model = FlyThinker(checkpoint.generator, checkpoint.reasoner if lam else None, lam=lam,

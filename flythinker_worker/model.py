@@ -246,8 +246,7 @@ class FlyThinker(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{directory} is not a FlyThinker checkpoint (no {CONFIG_NAME})")
+        check_checkpoint(directory)
         cfg = json.loads((directory / CONFIG_NAME).read_text())
         if dtype is not None:
             model_kwargs["dtype"] = dtype
@@ -260,6 +259,40 @@ class FlyThinker(nn.Module):
         if model.projection is not None:
             model.projection.load_state_dict(load_file(str(directory / PROJECTION_WEIGHTS)))
         return model
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def missing_checkpoint_files(directory: str | os.PathLike, tokenizer: bool = False) -> list[str]:
+    """The files a complete FlyThinker checkpoint at `directory` lacks (relative names; [] when complete).
+    `tokenizer`: also require the tokenizer files that generation and training read."""
+    root = Path(directory)
+    if not (root / CONFIG_NAME).exists():
+        return [CONFIG_NAME]
+    cfg = json.loads((root / CONFIG_NAME).read_text())
+    parts = ["generator"] + (["reasoner"] if cfg.get("has_reasoner", (root / "reasoner").exists()) else [])
+    missing = []
+    for part in parts:
+        if not (root / part / "config.json").exists():
+            missing.append(f"{part}/config.json")
+        if not any((root / part / name).exists() for name in WEIGHT_FILES):
+            missing.append(f"{part}/model.safetensors (or another weights file)")
+    if "reasoner" in parts and cfg.get("projection") == Projection.LINEAR.value and \
+            not (root / PROJECTION_WEIGHTS).exists():
+        missing.append(PROJECTION_WEIGHTS)
+    if tokenizer and not (root / "tokenizer_config.json").exists():
+        missing.append("tokenizer_config.json (and the tokenizer's vocabulary files)")
+    return missing
+
+
+def check_checkpoint(directory: str | os.PathLike, tokenizer: bool = False) -> None:
+    """FileNotFoundError naming every file a FlyThinker checkpoint lacks."""
+    missing = missing_checkpoint_files(directory, tokenizer)
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a complete FlyThinker checkpoint: missing "
+                                f"{', '.join(missing)}")
 
 
 def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,10 +26,10 @@ from verl import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
-from .config import FusionConfig, check
+from .config import FusionConfig, check, check_attn_implementation
 from .decoding import PairedDecoder
 from .model import CONFIG_NAME, FlyThinker
-from .utils import DTYPES, local_device, resolve_dtype
+from .utils import DTYPES, check_model_source, local_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "eos_token_id", "pad_token_id")
@@ -59,6 +59,7 @@ class RolloutModelConfig:
 
     def __post_init__(self):
         check(bool(self.path), "model.path", "is required (a FlyThinker checkpoint or an HF generator folder)")
+        check_attn_implementation(self.attn_implementation, "model.attn_implementation")
         check(self.dtype in ("auto", *DTYPES), "model.dtype",
               f"must be auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         pair = self.fusion is not None and self.fusion.lam != 0 and not self.generator_only
@@ -85,14 +86,6 @@ class RolloutConfig:
         return resolve_dtype(self.model.dtype, self.device)
 
 
-def check_model_path(path: str) -> None:
-    """A missing local folder is a clear error; `owner/name` that is not a folder is left to the HF hub."""
-    p = Path(path)
-    if not p.exists() and (p.is_absolute() or len(p.parts) != 2):
-        raise FileNotFoundError(f"model.path {path} does not exist (for the tiny default, train first: "
-                                "bash launch/train.sh)")
-
-
 def build_rollout_model(cfg: RolloutConfig) -> FlyThinker:
     """The FlyThinker the config names, on CPU in `cfg.torch_dtype` (see RolloutModelConfig's cases)."""
     from transformers import AutoModelForCausalLM
@@ -100,7 +93,9 @@ def build_rollout_model(cfg: RolloutConfig) -> FlyThinker:
     from .loading import load_flythinker
 
     m = cfg.model
-    check_model_path(m.path)
+    check_model_source(m.path, "model.path")
+    if m.reasoner_path:
+        check_model_source(m.reasoner_path, "model.reasoner_path")
     path = Path(m.path)
     kwargs = dict(dtype=cfg.torch_dtype, attn_implementation=m.attn_implementation,
                   trust_remote_code=m.trust_remote_code)

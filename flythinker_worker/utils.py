@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -154,6 +155,38 @@ def read_jsonl(path: str | os.PathLike, repair: bool = True) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(offset)
     return records
+
+
+# ---- model sources -----------------------------------------------------------------------------------------
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_allowed() -> bool:
+    """Whether transformers may reach the model hub: the launch scripts set HF_HUB_OFFLINE=1 unless the
+    user exported HF_HUB_OFFLINE=0."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on")
+
+
+def check_model_source(path: str, key: str) -> None:
+    """Fail at start-up, naming the config `key`, unless `path` is a local model folder (config.json, or a
+    FlyThinker checkpoint's flythinker.json) or, with hub access allowed, an `owner/name` hub id. Without
+    this a typo surfaces minutes later inside a worker as "Repo id must be in the form ..." after
+    several network retries."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists() and not (p / "flythinker.json").exists():
+            raise FileNotFoundError(f"{key}={path}: the folder has no config.json (not a Hugging Face model "
+                                    "folder) and no flythinker.json (not a FlyThinker checkpoint)")
+        return
+    if p.exists():
+        raise FileNotFoundError(f"{key}={path} is a file; give the model's folder")
+    repo_like = bool(_REPO_ID.fullmatch(path)) and not path.startswith(("./", "../", "~"))
+    if repo_like and hub_allowed():
+        return
+    hint = (" Hub downloads are off (HF_HUB_OFFLINE=1, the launch scripts' default): download the model "
+            "first, or export HF_HUB_OFFLINE=0 to let transformers fetch it." if repo_like else "")
+    raise FileNotFoundError(f"{key}={path}: no such local folder (relative paths start at {Path.cwd()}).{hint}")
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------

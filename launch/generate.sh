@@ -12,5 +12,8 @@ PYTHON=${PYTHON:-python}
 
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
+# Offline unless you opt in (HF_HUB_OFFLINE=0 bash launch/...): a mistyped local path then fails at once
+# instead of retrying the model hub.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 exec "$PYTHON" -m evaluation.main_generate "$@"

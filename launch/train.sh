@@ -12,6 +12,9 @@ SYNTHETIC_TASK=${SYNTHETIC_TASK:-product_review}
 
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
+# Offline unless you opt in (HF_HUB_OFFLINE=0 bash launch/...): a mistyped local path then fails at once
+# instead of retrying the model hub.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 # The embedded default runs on assets made here, once: the tiny model pair and the synthetic data.
 args=" $* "

@@ -4,10 +4,12 @@ validation-time generation. Built strictly from the Hydra/OmegaConf tree at star
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flythinker_worker.config import (FSDPConfig, FusionConfig, ModelConfig, OptimConfig, WorkerConfig, build,
                                       check)
+from flythinker_worker.utils import check_model_source
 
 LOGGERS = ("console", "tensorboard", "wandb", "mlflow", "swanlab", "file")
 
@@ -69,7 +71,27 @@ class TrainerConfig:
 
 
 @dataclass
-class ValGenerationConfig:
+class SamplingConfig:
+    """Decoding settings (the `generation` section); temperature 0 is greedy. The dataclass defaults are
+    the paper's (temperature 0.8, top-p 0.95, up to 1536 new tokens)."""
+
+    max_new_tokens: int = 1536
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+
+    section = "generation"  # config path prefix in error messages (a class attribute, not a key)
+
+    def __post_init__(self):
+        s = self.section
+        check(self.max_new_tokens >= 1, f"{s}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"{s}.temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"{s}.top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, f"{s}.top_k", f"must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class ValGenerationConfig(SamplingConfig):
     """Every trainer.test_freq steps: generate for a few validation prompts and log their metrics."""
 
     num_samples: int = 0  # 0: off
@@ -77,9 +99,11 @@ class ValGenerationConfig:
     temperature: float = 0.0
     top_p: float = 1.0
 
+    section = "val_generation"
+
     def __post_init__(self):
-        check(self.num_samples >= 0, "val_generation.num_samples", "must be >= 0")
-        check(self.max_new_tokens >= 1, "val_generation.max_new_tokens", "must be >= 1")
+        super().__post_init__()
+        check(self.num_samples >= 0, "val_generation.num_samples", f"must be >= 0, got {self.num_samples}")
 
 
 @dataclass
@@ -105,6 +129,19 @@ class FlyThinkerConfig:
                             micro_batch_size_per_gpu=self.data.micro_batch_size_per_gpu,
                             total_training_steps=total_training_steps, device=self.trainer.device,
                             seed=self.trainer.seed)
+
+
+def check_sources(cfg: FlyThinkerConfig) -> None:
+    """The files a run reads exist (model folders, or hub ids when hub access is allowed; data files),
+    each failure naming its key; called at start-up, before Ray starts."""
+    check_model_source(cfg.model.generator.path, "model.generator.path")
+    if cfg.fusion.lam != 0:
+        check_model_source(cfg.model.reasoner.path, "model.reasoner.path")
+    for key in ("train_files", "val_files"):
+        for path in getattr(cfg.data, key):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"data.{key}: {path} not found (prepare data with data_prep; relative "
+                                        f"paths start at {Path.cwd()})")
 
 
 def build_from_tree(cls, tree: Any):

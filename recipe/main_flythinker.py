@@ -10,17 +10,25 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from .config import load_config
+from . import checkpointing
+from .config import check_sources, load_config
+from .run_lock import RunLock
 from .workers import init_ray
 
 
 def run(tree) -> str:
-    """Validate the config, start or join Ray, train; returns the exported model folder."""
+    """Validate the config and its paths, lock the output folder, start or join Ray, train; returns the
+    exported model folder. Everything that can be checked fails here, before Ray starts."""
     cfg = load_config(tree)
-    init_ray(cfg.trainer.device)
-    from .trainer import FlyThinkerTrainer
+    check_sources(cfg)
+    with RunLock(cfg.trainer.default_local_dir):
+        removed = checkpointing.remove_stale_temps(checkpointing.checkpoint_root(cfg.trainer.default_local_dir))
+        if removed:
+            logging.getLogger(__name__).warning("removed %d temp checkpoint dirs of a dead run", len(removed))
+        init_ray(cfg.trainer.device)
+        from .trainer import FlyThinkerTrainer
 
-    return str(FlyThinkerTrainer(cfg).fit())
+        return str(FlyThinkerTrainer(cfg).fit())
 
 
 @hydra.main(config_path="../configs", config_name="flythinker_trainer", version_base=None)

@@ -23,34 +23,15 @@ import json
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from verl import DataProto
 
-from flythinker_worker.config import check
 from flythinker_worker.rollout_worker import FlyThinkerRolloutWorker, RolloutConfig, RolloutModelConfig
 from .data import pad_token_id, prompt_ids
 from .workers import make_worker_group, release_worker_group
-
-
-@dataclass
-class SamplingConfig:
-    """Decoding settings; temperature 0 is greedy. The dataclass defaults are the paper's (temperature
-    0.8, top-p 0.95, up to 1536 new tokens)."""
-
-    max_new_tokens: int = 1536
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 0  # 0: off
-
-    def __post_init__(self):
-        check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        check(self.temperature >= 0, "generation.temperature", f"must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.top_k >= 0, "generation.top_k", f"must be >= 0, got {self.top_k}")
 
 
 # ---- worker group ------------------------------------------------------------------------------------------

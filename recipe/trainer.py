@@ -68,8 +68,13 @@ class FlyThinkerTrainer:
     # ---- loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> Path:
-        """Train to trainer.total_training_steps (or epochs); returns the exported model directory."""
+        """Train to trainer.total_training_steps (or epochs); returns the exported model directory. The
+        caller holds the output folder's RunLock (recipe.main_flythinker.run does)."""
         cfg = self.cfg
+        self.resume = self._resume_point()
+        if self.resume is not None:  # before any work: a changed config must not cost a worker start-up
+            for key, (old, new) in checkpointing.check_resume(self.resume, asdict(cfg)).items():
+                print(f"[flythinker] resuming with {key}: {old!r} -> {new!r}", flush=True)
         self._load_data()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # With validation-time generation, each bundle also hosts one rollout worker (half a GPU each).
@@ -89,8 +94,9 @@ class FlyThinkerTrainer:
     def _train(self) -> Path:
         cfg = self.cfg
         counts = self.workers.init_model()[0]
+        self.num_params = counts["generator_params"] + counts["reasoner_params"]
         step = 0
-        resume = self._resume_point()
+        resume = self.resume
         if resume is not None:
             step = self.workers.load_checkpoint(str(resume))[0]
             assert step == checkpointing.read_driver_state(resume)["step"]
@@ -190,8 +196,10 @@ class FlyThinkerTrainer:
         return out
 
     def save(self, step: int) -> Path:
-        tmp = checkpointing.begin(self.ckpt_root, step)
-        self.workers.save_checkpoint(str(tmp))
         state = {"step": step, "total_steps": self.total_steps, "seed": self.cfg.trainer.seed,
                  "time": time.time()}
-        return checkpointing.commit(self.ckpt_root, tmp, step, state, self.cfg.trainer.max_ckpt_to_keep)
+        # fp32 weights + AdamW's two moments (sharded or not, the bytes add up to this), 10% headroom.
+        needed = int(self.num_params * 12 * 1.1)
+        return checkpointing.write(self.ckpt_root, step, lambda tmp: self.workers.save_checkpoint(str(tmp)),
+                                   state, self.cfg.trainer.max_ckpt_to_keep, config=asdict(self.cfg),
+                                   needed_bytes=needed)

@@ -16,7 +16,9 @@ def init_ray(device: str) -> None:
     """Join the cluster `ray job submit` (RAY_ADDRESS) points at, or start a private local one."""
     if ray.is_initialized():
         return
-    kwargs = {"runtime_env": RUNTIME_ENV}
+    # Workers see the driver's hub setting (Ray starts them from the raylet's environment, not ours).
+    env = {**RUNTIME_ENV["env_vars"], "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    kwargs = {"runtime_env": {"env_vars": env}}
     if not os.environ.get("RAY_ADDRESS") and device == "cpu":
         # A private instance (never someone's `ray start` cluster); logical CPUs so that training and
         # rollout groups (one CPU per worker each) fit on a 2-core laptop.

@@ -1,11 +1,12 @@
 """Start-up validation: every shipped config composes and validates; a wrong key or value names itself."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, compose
+from conftest import REPO, compose, tiny_overrides
 
 from flythinker_worker.config import OptimConfig, build
 from recipe.config import load_config
@@ -36,9 +37,18 @@ def test_every_group_combination_validates(pair, task, method):
     ("trainer.logger=[console,nope]", "unknown logger 'nope'"),
     ("data.micro_batch_size_per_gpu=two", "data.micro_batch_size_per_gpu: expected an integer"),
     ("model.reasoner.path=''", "model.reasoner.path"),
+    ("fusion.lam=-1", "fusion.lam: must be >= 0"),
+    ("fusion.lam=inf", "fusion.lam: expected a finite number"),
+    ("val_generation.temperature=-1", "val_generation.temperature: must be >= 0"),
+    ("val_generation.top_p=0", "val_generation.top_p: must be in (0, 1]"),
+    ("optim.eps=-1e-8", "optim.eps: must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay: must be >= 0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas: needs two values in [0, 1)"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio: must be in [0, 1]"),
+    ("model.attn_implementation=fast", "model.attn_implementation: must be one of"),
 ])
 def test_bad_key_or_value_names_it(override, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_config(compose([override]))
 
 
@@ -51,14 +61,32 @@ def test_build_rejects_wrong_types_and_keys():
 
 
 def test_cli_fails_at_start_up_naming_the_key(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    for override, needle in (("+fusion.lamda=1", "fusion.lamda"), ("fusion.lam=high", "fusion.lam")):
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
+    for override, needle in (("+fusion.lamda=1", "fusion.lamda"), ("fusion.lam=high", "fusion.lam"),
+                             ("model.generator.path=data/tiny_model/generatr", "model.generator.path")):
         proc = subprocess.run([sys.executable, "-m", "recipe.main_flythinker", override,
                                f"trainer.default_local_dir={tmp_path}"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         assert needle in proc.stderr + proc.stdout
         assert "Started a local Ray instance" not in proc.stderr  # failed before any work
+
+
+def test_sources_are_checked_naming_the_key(tmp_path, monkeypatch, tiny_assets):
+    from recipe.config import check_sources
+
+    good = tiny_overrides(tiny_assets, tmp_path)
+    check_sources(load_config(compose(good)))  # the real assets pass
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [("model.generator.path=no/such/folder", "model.generator.path=no/such/folder: no such local folder"),
+             ("model.reasoner.path=Qwen/Qwen2.5-0.5B", "Hub downloads are off"),
+             (f"model.generator.path={tiny_assets}", "has no config.json"),
+             ("data.val_files=[missing.parquet]", "data.val_files: missing.parquet not found")]
+    for override, message in cases:
+        with pytest.raises(FileNotFoundError, match=re.escape(message)):
+            check_sources(load_config(compose(good + [override])))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # opted in: a hub id is left to transformers
+    check_sources(load_config(compose(good + ["model.reasoner.path=Qwen/Qwen2.5-0.5B"])))
 
 
 @pytest.mark.parametrize("system", ["non_pers", "rag", "sft", "flythinker"])

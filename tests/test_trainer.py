@@ -54,3 +54,18 @@ def test_train_on_synthetic_data(ray_local, tiny_assets, tmp_path):
                                            add_generation_prompt=True, return_tensors="pt", return_dict=False)
     out = PairedDecoder(model).generate(prompt, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id)
     assert out.sequences.shape[1] > prompt.shape[1]
+
+
+def test_resume_refuses_a_changed_lr_and_applies_bookkeeping(ray_local, tiny_assets, tmp_path, capsys):
+    base = tiny_overrides(tiny_assets, tmp_path, "trainer.save_freq=2", "val_generation.num_samples=0")
+    run(compose(base + ["trainer.total_training_steps=2"]))
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.002 -> 0\.0001") as err:
+        run(compose(base + ["trainer.total_training_steps=4", "optim.lr=1e-4"]))
+    assert "global_step_2" in str(err.value) and "total_training_steps" not in str(err.value)
+    capsys.readouterr()
+    run(compose(base + ["trainer.total_training_steps=4"]))  # bookkeeping only: resumes at step 2
+    out = capsys.readouterr().out
+    assert "resuming with trainer.total_training_steps: 2 -> 4" in out and "resumed from" in out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {r["lr"] for r in records} == {0.002}

@@ -4,14 +4,14 @@
 #   bash launch/eval.sh --predictions out/flythinker.jsonl out/baseline.jsonl --out out/eval \
 #       [--names FlyThinker Baseline] [--tokenizer GENERATOR_DIR] [--bertscore-model ROBERTA_DIR]
 # Hardware: CPU is enough (ROUGE/BLEU/METEOR are CPU-only); a GPU, when present, only speeds up
-# BERTScore, which runs only with a local model (BERTSCORE_MODEL or --bertscore-model).
+# BERTScore (default: the packaged all-MiniLM-L6-v2; BERTSCORE_MODEL=none skips it).
 # Needs NLTK's WordNet + punkt_tab for METEOR: bash scripts/install_wordnet.sh (scripts/setup.sh runs it).
 # Arguments are passed through to `python -m evaluation.report`; later flags override the defaults below.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$([[ -x "$REPO_ROOT/.venv/bin/python" ]] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}"
-BERTSCORE_MODEL="${BERTSCORE_MODEL:-none}"   # local model folder; "none" records BERTScore as unavailable
+BERTSCORE_MODEL="${BERTSCORE_MODEL:-default}"   # default (packaged all-MiniLM-L6-v2), a local folder, or none
 TOKENIZER="${TOKENIZER:-}"                   # generator tokenizer folder; empty = the tiny tokenizer
 
 defaults=(--bertscore-model "$BERTSCORE_MODEL")

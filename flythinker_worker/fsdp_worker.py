@@ -1,5 +1,7 @@
-"""verl Worker that trains FlyThinker: ONE module holding the reasoner and the generator, FSDP2-sharded
-layer by layer plus one root, one forward and one backward per micro-batch (the paper's joint NLL).
+"""verl Worker that trains FlyThinker for our own driver (recipe/trainer.py). It wraps the FlyThinker verl
+engine (`verl_engine.FlyThinkerEngine`, the one verl's own trainers use): one module holding the reasoner
+and the generator, FSDP2-sharded layer by layer plus one root, one forward and one backward per
+micro-batch (the paper's joint NLL), sharded DCP checkpoints, the FlyThinker export.
 
 Gradients are normalised by the GLOBAL response-token count (all micro-batches, all ranks), so the update
 does not depend on micro-batch size or data-parallel width. Runs on CUDA/NCCL or CPU/gloo.
@@ -9,22 +11,63 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.distributed as dist
+from tensordict import TensorDict
 from verl import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
-from verl.utils.torch_functional import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from verl.trainer.config import CheckpointConfig
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import FSDPOptimizerConfig
+from verl.workers.utils.losses import sft_loss
 
 from .config import WorkerConfig
-from .loading import load_flythinker
 from .model import IGNORE_INDEX
-from .sharding import init_distributed, param_groups, shard_flythinker
-from .utils import resolve_dtype
+from .sharding import init_distributed
+from .verl_engine import FlyThinkerEngine, FlyThinkerEngineConfig, FlyThinkerModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+def engine_configs(cfg: WorkerConfig):
+    """(model, engine, optimizer, checkpoint) verl configs of the engine for our WorkerConfig."""
+    model = FlyThinkerModelConfig(path=cfg.model.generator.path, trust_remote_code=cfg.model.trust_remote_code,
+                                  enable_gradient_checkpointing=cfg.model.enable_gradient_checkpointing)
+    engine = FlyThinkerEngineConfig(
+        reasoner_path=cfg.model.reasoner.path, lam=cfg.fusion.lam, positions=cfg.fusion.positions,
+        projection=cfg.fusion.projection, reasoner_lr=cfg.optim.reasoner_lr, dtype=cfg.fsdp.param_dtype,
+        offload_policy=cfg.fsdp.cpu_offload, reshard_after_forward=cfg.fsdp.reshard_after_forward,
+        attn_implementation=cfg.model.attn_implementation, seed=cfg.seed, use_dynamic_bsz=False,
+        micro_batch_size_per_gpu=cfg.micro_batch_size_per_gpu)
+    opt = cfg.optim
+    optim = FSDPOptimizerConfig(
+        lr=opt.lr, weight_decay=opt.weight_decay, betas=tuple(opt.betas), clip_grad=opt.clip_grad,
+        lr_warmup_steps_ratio=opt.warmup_ratio, total_training_steps=cfg.total_training_steps,
+        lr_scheduler_type=opt.lr_scheduler, min_lr_ratio=opt.min_lr_ratio,
+        override_optimizer_config={"eps": opt.eps})
+    return model, engine, optim, CheckpointConfig()
+
+
+def engine_batch(batch, micro_batch_size: int) -> TensorDict:
+    """A padded batch (input_ids, attention_mask, labels; any padding side) as the engine's verl batch:
+    nested rows of real tokens with position_ids and loss_mask (labels != -100), the layout verl's SFT
+    dataset and `sft_loss` use."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+    rows = [(ids[i][mask[i]], labels[i][mask[i]]) for i in range(len(ids))]
+    loss_mask = []
+    for _, row_labels in rows:
+        row_mask = (row_labels != IGNORE_INDEX).long()
+        row_mask[0] = 0  # the first token is never predicted
+        loss_mask.append(row_mask)
+    nested = partial(torch.nested.as_nested_tensor, layout=torch.jagged)
+    return tu.get_tensordict(
+        {"input_ids": nested([r for r, _ in rows]), "loss_mask": nested(loss_mask),
+         "position_ids": nested([torch.arange(len(r), device=r.device) for r, _ in rows])},
+        {"use_remove_padding": True, "use_dynamic_bsz": False, "micro_batch_size_per_gpu": micro_batch_size,
+         "temperature": 1.0, "pad_mode": "no_padding"})
 
 
 class FlyThinkerTrainWorker(Worker):
@@ -34,6 +77,7 @@ class FlyThinkerTrainWorker(Worker):
         super().__init__()
         self.config = config
         self.step = 0
+        self.loss_fn = partial(sft_loss, config=None)
 
     # ---- set-up -----------------------------------------------------------------------------------------
 
@@ -42,44 +86,13 @@ class FlyThinkerTrainWorker(Worker):
         """Load both LMs, shard them, build AdamW and the lr schedule. Returns parameter counts."""
         cfg = self.config
         self.device = init_distributed(cfg.device)
-        torch.manual_seed(cfg.seed)
-        model, self.tokenizer = load_flythinker(
-            cfg.model.generator.path, cfg.model.reasoner.path or None, cfg.fusion.lam, cfg.fusion.positions,
-            cfg.fusion.projection, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code)
-        counts = {"generator_params": sum(p.numel() for p in model.generator.parameters()),
-                  "reasoner_params": sum(p.numel() for p in model.reasoner.parameters())
-                  if model.reasoner is not None else 0}
-        if cfg.model.enable_gradient_checkpointing:
-            for lm in (model.generator, model.reasoner):
-                if lm is not None:
-                    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        param_dtype = resolve_dtype(cfg.fsdp.param_dtype, cfg.device)
-        if not cfg.fsdp.cpu_offload:
-            model.to(self.device)
-        self.model = shard_flythinker(model, cfg.device, param_dtype, cfg.fsdp.cpu_offload,
-                                      cfg.fsdp.reshard_after_forward)
-        opt = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, opt.lr, opt.reasoner_lr, opt.weight_decay),
-                                           betas=tuple(opt.betas), eps=opt.eps)
-        warmup = int(opt.warmup_ratio * cfg.total_training_steps)
-        if opt.lr_scheduler == "cosine":
-            self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, cfg.total_training_steps,
-                                                             min_lr_ratio=opt.min_lr_ratio)
-        else:
-            self.scheduler = get_constant_schedule_with_warmup(self.optimizer, warmup)
-        if self.rank == 0:
-            logger.warning("FlyThinker worker ready: world=%d device=%s dtype=%s %s", self.world_size,
-                           cfg.device, param_dtype, counts)
-        return counts
+        self.engine = FlyThinkerEngine(*engine_configs(cfg), device=cfg.device)
+        self.engine.initialize()
+        return dict(self.engine.param_counts)
 
     # ---- steps ------------------------------------------------------------------------------------------
 
-    def _micro_batches(self, data: DataProto):
-        batch = data.batch.to(self.device)
-        return batch, batch.split(self.config.micro_batch_size_per_gpu)
-
-    def _all_reduce(self, values: list[float]) -> list[float]:
+    def _global_sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
@@ -88,112 +101,55 @@ class FlyThinkerTrainWorker(Worker):
     def train_batch(self, data: DataProto) -> DataProto:
         """One optimizer step on this rank's shard of the global batch; metrics are global."""
         start = time.perf_counter()
-        batch, micro_batches = self._micro_batches(data)
-        local_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        (global_tokens,) = self._all_reduce([local_tokens])
-        # FSDP averages gradients over ranks; dividing each rank's NLL sum by global/world makes that
-        # average the global token mean.
-        normaliser = max(global_tokens, 1.0) / self.world_size
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for micro in micro_batches:
-            out = self.model(micro["input_ids"], micro["attention_mask"], labels=micro["labels"],
-                             num_items_in_batch=normaliser)
-            out.loss.backward()
-            loss_sum += float(out.loss.detach()) * normaliser
-        grad_norm = self._clip_gradients()
-        if torch.isfinite(torch.tensor(grad_norm)):
-            self.optimizer.step()
-        else:
-            logger.warning("step %d: non-finite grad norm %s, update skipped", self.step + 1, grad_norm)
-            self.optimizer.zero_grad(set_to_none=True)
-        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        self.scheduler.step()
+        batch = engine_batch(data.batch, self.config.micro_batch_size_per_gpu)
+        lrs = self.engine.current_lrs()
+        with self.engine.train_mode():
+            output = self.engine.train_batch(batch, loss_function=self.loss_fn)
+        self.engine.lr_scheduler_step()
         self.step += 1
-        (total_loss,) = self._all_reduce([loss_sum])
+        # Each micro-batch loss is (its NLL sum) / global tokens * world: their sum over ranks / world is
+        # the global token mean.
+        (loss,) = self._global_sum([sum(output["loss"])])
+        tokens = int(tu.get(batch, "batch_num_tokens"))
         seconds = time.perf_counter() - start
-        metrics = {"loss": total_loss / max(global_tokens, 1.0), "grad_norm": grad_norm,
-                   "lr": lrs.get("generator", next(iter(lrs.values()))), "tokens": int(global_tokens),
-                   "step_seconds": seconds, "tokens_per_second": global_tokens / seconds}
+        metrics = {"loss": loss / self.world_size, "grad_norm": float(output["metrics"]["grad_norm"]),
+                   "lr": lrs.get("generator", next(iter(lrs.values()))), "tokens": tokens,
+                   "step_seconds": seconds, "tokens_per_second": tokens / seconds}
         if "reasoner" in lrs:
             metrics["lr_reasoner"] = lrs["reasoner"]
         return DataProto(meta_info={"metrics": metrics if self.rank == 0 else None})
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.clip_grad)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
-
     @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
     def validate_batch(self, data: DataProto) -> DataProto:
         """Summed response NLL and token count over the global batch (no update)."""
-        batch, micro_batches = self._micro_batches(data)
-        self.model.eval()
-        loss_sum, tokens = 0.0, 0
-        with torch.no_grad():
-            for micro in micro_batches:
-                out = self.model(micro["input_ids"], micro["attention_mask"], labels=micro["labels"],
-                                 num_items_in_batch=1)
-                loss_sum += float(out.loss)
-                tokens += int(out.num_tokens)
-        total_loss, total_tokens = self._all_reduce([loss_sum, tokens])
-        metrics = {"val_loss_sum": total_loss, "val_tokens": int(total_tokens)}
+        batch = engine_batch(data.batch, self.config.micro_batch_size_per_gpu)
+        with self.engine.eval_mode():
+            output = self.engine.infer_batch(batch, loss_function=self.loss_fn)
+        tokens = int(tu.get(batch, "batch_num_tokens"))
+        (scaled,) = self._global_sum([sum(output["loss"])])
+        metrics = {"val_loss_sum": scaled * tokens / self.world_size, "val_tokens": tokens}
         return DataProto(meta_info={"metrics": metrics if self.rank == 0 else None})
 
     # ---- state ------------------------------------------------------------------------------------------
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, directory: str) -> None:
-        """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank scheduler/RNG/step."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(directory) / "shards"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save({"scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng},
-                   Path(directory) / f"worker_rank{self.rank}.pt")
-        dist.barrier()
+        """Sharded model + optimizer (torch.distributed.checkpoint), per-rank scheduler/step (JSON), RNG."""
+        self.engine.save_checkpoint(directory, global_step=self.step, export=False)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored step."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(Path(directory) / "shards"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        extra = torch.load(Path(directory) / f"worker_rank{self.rank}.pt", weights_only=False)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.step = extra["step"]
-        torch.set_rng_state(extra["rng"]["cpu"])
-        if "cuda" in extra["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(extra["rng"]["cuda"])
+        self.step = self.engine.load_checkpoint(directory)
         return self.step
-
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def export_model(self, directory: str) -> None:
         """Write the full model in the FlyThinker checkpoint layout (rank 0 writes)."""
-        state = self._full_state_dict()
-        if self.rank == 0:
-            self.model.save_pretrained(directory, tokenizer=self.tokenizer, state_dict=state)
-        dist.barrier()
+        self.engine.export(directory)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def get_full_weights(self) -> dict[str, torch.Tensor] | None:
         """Unsharded CPU weights (rank 0; None elsewhere), to sync a rollout worker without disk."""
-        state = self._full_state_dict()
+        state = self.engine.full_state_dict()
         return state if self.rank == 0 else None

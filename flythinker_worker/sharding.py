@@ -3,12 +3,18 @@ the verl engine, the GPU check). torch only: no Ray, no verl, so it also runs wh
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .utils import local_device
+from .utils import atomic_directory, local_device, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def init_distributed(device: str) -> torch.device:
@@ -62,3 +68,113 @@ def param_groups(model, lr: float, reasoner_lr: float | None, weight_decay: floa
                            "name": f"{role}{'' if decay else '_no_decay'}"}
         groups[key]["params"].append(param)
     return list(groups.values())
+
+
+# ---- the step ----------------------------------------------------------------------------------------------
+
+def clip_and_step(model, optimizer, max_norm: float) -> float:
+    """Clip the (sharded) gradients to `max_norm` and step the optimizer; a non-finite norm skips the
+    update (gradients are dropped). Returns the global gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    norm = float(norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    else:
+        logger.warning("non-finite grad norm %s: update skipped", norm)
+        optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# ---- training state: sharded, restartable --------------------------------------------------------------------
+
+SHARDS = "shards"  # torch.distributed.checkpoint of model + optimizer (any world size can read it)
+
+
+def _rank_files(directory: Path, rank: int) -> tuple[Path, Path]:
+    return directory / f"train_state_rank{rank}.json", directory / f"rng_rank{rank}.pt"
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_train_state(directory: str | os.PathLike, model, optimizer, scheduler, step: int,
+                     save_optimizer: bool = True, save_extra: bool = True) -> None:
+    """Model (+ optimizer) as sharded DCP (`shards/`), and per rank the scheduler state and step (JSON) and
+    the RNG states (tensors only: loadable with weights_only=True). Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(_dcp_state(model, optimizer if save_optimizer else None), checkpoint_id=str(directory / SHARDS))
+    if save_extra:
+        state_file, rng_file = _rank_files(directory, dist.get_rank())
+        extra = {"step": int(step), "scheduler": scheduler.state_dict() if scheduler is not None else None}
+        write_json_atomic(state_file, extra)  # TypeError here: a scheduler whose state is not plain data
+        tmp = rng_file.with_name(rng_file.name + ".tmp")
+        torch.save(_rng_state(), tmp)
+        os.replace(tmp, rng_file)
+    dist.barrier()
+
+
+def _dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def load_train_state(directory: str | os.PathLike, model, optimizer, scheduler, load_optimizer: bool = True,
+                     load_extra: bool = True) -> int:
+    """Restore what `save_train_state` wrote into an already sharded model (and its optimizer, scheduler
+    and this rank's RNG); returns the saved step (0 when `load_extra` is off)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    directory = Path(directory)
+    if not (directory / SHARDS).is_dir():
+        raise FileNotFoundError(f"{directory} holds no FlyThinker training state ({SHARDS}/ missing)")
+    load_optimizer = load_optimizer and optimizer is not None
+    state = _dcp_state(model, optimizer if load_optimizer else None)
+    dcp.load(state, checkpoint_id=str(directory / SHARDS))
+    if load_optimizer:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
+    if not load_extra:
+        return 0
+    state_file, rng_file = _rank_files(directory, dist.get_rank())
+    extra = json.loads(state_file.read_text())
+    if scheduler is not None and extra.get("scheduler") is not None:
+        scheduler.load_state_dict(extra["scheduler"])
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return int(extra["step"])
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Unsharded CPU weights, keys as in FlyThinker.state_dict() (rank 0 holds them; others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_flythinker(model, directory: str | os.PathLike, tokenizer=None) -> None:
+    """Write the FlyThinker checkpoint layout (flythinker.json, generator/, reasoner/, tokenizer) that
+    `FlyThinker.from_pretrained` loads, through a temp folder renamed into place (rank 0 writes).
+    Collective: every rank calls it."""
+    state = full_state_dict(model)
+    if dist.get_rank() == 0:
+        with atomic_directory(directory) as partial:
+            model.save_pretrained(partial, tokenizer=tokenizer, state_dict=state)
+    dist.barrier()

@@ -1,0 +1,393 @@
+"""FlyThinker as a verl engine: strategy `flythinker` in verl's engine registry, so verl's own trainers
+(`verl.trainer.sft_trainer`, `sft_trainer_ray`, anything built on `TrainingWorker`) train the Reasoner +
+Generator pair by configuration alone:
+
+    engine=flythinker  engine.reasoner_path=<reasoner>  engine.lam=0.5  model.path=<generator>
+    (with `--config-dir <repo>/configs/verl`, which holds engine/flythinker.yaml)
+
+The engine builds the pair with our loader, shards both LMs as ONE FSDP2 module (`sharding.shard_flythinker`,
+the layout our own worker uses), runs the joint forward and hands verl's loss function per-token log-probs
+(`sft_loss` normalises by the GLOBAL loss-token count, all micro-batches and ranks), steps AdamW + verl's lr
+schedule from verl's optim config, saves verl checkpoints as sharded DCP (`sharding.save_train_state`) and,
+at the last step (or every save with `checkpoint.save_contents` holding `hf_model`), exports the FlyThinker
+layout to `<global_step_N>/flythinker/` for `FlyThinker.from_pretrained`, our generation and evaluation.
+
+Our own trainer's worker (`fsdp_worker.FlyThinkerTrainWorker`) wraps this engine: one implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import platform as _platform  # noqa: F401  (the CPU platform is registered before verl's engines import)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from verl.base_config import BaseConfig  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils import torch_functional as verl_F  # noqa: E402
+from verl.utils.checkpoint.checkpoint_manager import BaseCheckpointManager  # noqa: E402
+from verl.utils.dataset.dataset_utils import DatasetPadMode  # noqa: E402
+from verl.utils.device import get_device_name  # noqa: E402
+from verl.workers.config import EngineConfig  # noqa: E402
+from verl.workers.config.optimizer import build_optimizer  # noqa: E402
+from verl.workers.engine.base import BaseEngine, BaseEngineCtx, EngineRegistry  # noqa: E402
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngine  # noqa: E402
+from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches  # noqa: E402
+from verl.workers.utils.padding import build_attention_mask_from_nested  # noqa: E402
+
+from .loading import load_flythinker  # noqa: E402
+from .model import CONFIG_NAME, Positions, Projection, parse_enum  # noqa: E402
+from .sharding import (clip_and_step, export_flythinker, full_state_dict, load_train_state,  # noqa: E402
+                       param_groups, save_train_state, shard_flythinker)
+from .utils import local_device, resolve_dtype  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+STRATEGY = "flythinker"
+EXPORT_DIR = "flythinker"  # <trainer.default_local_dir>/global_step_N/flythinker/
+DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+
+
+def _fail(key: str, message: str):
+    raise ValueError(f"config engine.{key}: {message}")
+
+
+@dataclass
+class FlyThinkerEngineConfig(EngineConfig):
+    """verl engine config of FlyThinker (`engine._target_`); validated when verl builds it at start-up.
+
+    The generator is verl's `model.path` (model.enable_gradient_checkpointing, model.trust_remote_code and
+    model.use_remove_padding apply to both LMs); the fusion settings live here."""
+
+    strategy: str = STRATEGY
+    # Reasoner checkpoint (same tokenizer as the generator); empty only with lam = 0 (plain generator SFT).
+    reasoner_path: str = ""
+    # Fusion: u_t = E_G[x_t] + lam * m_t * fit(r_{t-1}); positions picks m_t, projection picks fit.
+    lam: float = 0.5
+    positions: str = "global"
+    projection: str = "pad"
+    # Learning rate of the reasoner's parameters; null: optim.lr.
+    reasoner_lr: Optional[float] = None
+    # FSDP2 parameter dtype: auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32; reduce and master are fp32.
+    dtype: str = "auto"
+    # FSDP2 CPUOffloadPolicy (parameters, gradients and optimizer state live on the host).
+    offload_policy: bool = False
+    # Reshard decoder layers after forward (the root is never resharded; DESIGN.md section 3).
+    reshard_after_forward: bool = True
+    # Defer gradient reduce-scatter to the last micro-batch (more memory, less communication).
+    use_no_sync_for_gradient_accumulation: bool = False
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.strategy != STRATEGY:
+            _fail("strategy", f"the FlyThinker engine config needs strategy={STRATEGY!r}, got {self.strategy!r}")
+        for key, enum_cls in (("positions", Positions), ("projection", Projection)):
+            try:
+                parse_enum(enum_cls, getattr(self, key), f"engine.{key}")
+            except ValueError as err:
+                raise ValueError(f"config {err}") from None
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
+            _fail("lam", f"must be a finite number, got {self.lam!r}")
+        if self.lam != 0 and not self.reasoner_path:
+            _fail("reasoner_path", f"is required when engine.lam != 0 (lam={self.lam})")
+        if self.reasoner_lr is not None and self.reasoner_lr < 0:
+            _fail("reasoner_lr", f"must be >= 0 or null, got {self.reasoner_lr}")
+        if str(self.dtype).lower() not in DTYPES:
+            _fail("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.param_offload or self.optimizer_offload:
+            _fail("param_offload" if self.param_offload else "optimizer_offload",
+                  "is not supported by the flythinker engine; use engine.offload_policy=true (FSDP2 CPU offload)")
+        if self.use_fused_kernels:
+            _fail("use_fused_kernels", "is not supported by the flythinker engine")
+
+    @property
+    def param_dtype_name(self) -> str:
+        return DTYPES[str(self.dtype).lower()]
+
+
+@dataclass
+class FlyThinkerModelConfig(BaseConfig):
+    """The part of verl's `model` config (HFModelConfig) the engine reads, for callers without a verl
+    model config (our worker). `path` may also be a FlyThinker checkpoint folder."""
+
+    path: str = ""
+    local_path: Optional[str] = None
+    trust_remote_code: bool = False
+    enable_gradient_checkpointing: bool = False
+    use_remove_padding: bool = True
+
+
+class FlyThinkerCheckpointManager(BaseCheckpointManager):
+    """verl's checkpoint contract (save/load contents, retention) over our sharded DCP training state."""
+
+    def save_checkpoint(self, local_path: str, hdfs_path: str = None, global_step: int = 0,
+                        max_ckpt_to_keep: int = None, export: bool = False):
+        if hdfs_path is not None:
+            logger.warning("the flythinker engine does not copy checkpoints to HDFS (%s ignored)", hdfs_path)
+        if self.rank == 0:
+            self.ensure_checkpoint_capacity(max_ckpt_to_keep)
+        save_train_state(local_path, self.model, self.optimizer, self.lr_scheduler, global_step,
+                         save_optimizer=self.should_save_optimizer and self.optimizer is not None,
+                         save_extra=self.should_save_extra)
+        if export or self.should_save_hf_model:
+            export_flythinker(self.model, Path(local_path) / EXPORT_DIR, self.processing_class)
+        if self.rank == 0:
+            self.register_checkpoint(local_path, max_ckpt_to_keep)
+
+    def load_checkpoint(self, local_path: str, hdfs_path: str = None, del_local_after_load: bool = False) -> int:
+        return load_train_state(local_path, self.model, self.optimizer, self.lr_scheduler,
+                                load_optimizer=self.should_load_optimizer, load_extra=self.should_load_extra)
+
+
+class _ModeCtx(BaseEngineCtx):
+    def __enter__(self):
+        super().__enter__()
+        self.engine.module.train(self.mode == "train")
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        if self.mode == "train" and (self.zero_grad_on_exit or exc_type is not None):
+            self.engine.optimizer_zero_grad()
+        super().__exit__(exc_type, exc_val, exc_tb)
+
+
+@EngineRegistry.register(model_type="language_model", backend=STRATEGY, device=["cuda", "cpu"])
+class FlyThinkerEngine(BaseEngine):
+    """Reasoner + Generator as one FSDP2 module behind verl's engine interface."""
+
+    def __init__(self, model_config, engine_config: FlyThinkerEngineConfig, optimizer_config, checkpoint_config,
+                 device: Optional[str] = None):
+        """`device` (cpu | cuda): default verl's platform device."""
+        super().__init__()
+        if not isinstance(engine_config, FlyThinkerEngineConfig):
+            raise ValueError(f"strategy {STRATEGY!r} needs engine._target_="
+                             f"{FlyThinkerEngineConfig.__module__}.{FlyThinkerEngineConfig.__name__}, got "
+                             f"{type(engine_config).__name__}")
+        for key in ("lora_rank", "lora_adapter_path", "use_liger", "use_fused_kernels"):
+            if model_config.get(key, None):
+                raise ValueError(f"config model.{key}: not supported by the flythinker engine")
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.optimizer_config = optimizer_config
+        self.checkpoint_config = checkpoint_config
+        self.mode = None
+        self.rank = dist.get_rank()
+        self.device_type = device or get_device_name()
+        self.device = local_device(self.device_type)
+        self.module = self.optimizer = self.lr_scheduler = self.tokenizer = None
+
+    # ---- build ------------------------------------------------------------------------------------------
+
+    def initialize(self):
+        """Load the pair (fp32 master weights), shard it, build the optimizer and the lr schedule."""
+        cfg, model_cfg = self.engine_config, self.model_config
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = load_flythinker(
+            model_cfg.local_path or model_cfg.path, cfg.reasoner_path or None, cfg.lam, cfg.positions,
+            cfg.projection, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=model_cfg.get("trust_remote_code", False))
+        self.param_counts = {"generator_params": sum(p.numel() for p in model.generator.parameters()),
+                             "reasoner_params": sum(p.numel() for p in model.reasoner.parameters())
+                             if model.reasoner is not None else 0}
+        if model_cfg.get("enable_gradient_checkpointing", False):
+            for lm in (model.generator, model.reasoner):
+                if lm is not None:
+                    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        param_dtype = resolve_dtype(cfg.param_dtype_name, self.device_type)
+        if not cfg.offload_policy:
+            model.to(self.device)
+        self.module = shard_flythinker(model, self.device_type, param_dtype, cfg.offload_policy,
+                                       cfg.reshard_after_forward)
+        if not cfg.forward_only:
+            opt = self.optimizer_config
+            groups = param_groups(self.module, opt.lr, cfg.reasoner_lr, opt.weight_decay)
+            self.optimizer = build_optimizer(groups, opt)
+            # verl's own schedule builder (constant / cosine with warmup from optim.*).
+            self.lr_scheduler = FSDPEngine._build_lr_scheduler(self, self.optimizer)
+        self.checkpoint_manager = FlyThinkerCheckpointManager(
+            self.module, self.optimizer, self.lr_scheduler, processing_class=self.tokenizer,
+            checkpoint_config=self.checkpoint_config)
+        if self.rank == 0:
+            logger.warning("FlyThinker engine ready: world=%d device=%s dtype=%s lam=%s positions=%s %s",
+                           dist.get_world_size(), self.device_type, param_dtype, cfg.lam, cfg.positions,
+                           self.param_counts)
+
+    # ---- verl's engine interface --------------------------------------------------------------------------
+
+    @property
+    def is_param_offload_enabled(self) -> bool:
+        return False
+
+    @property
+    def is_optimizer_offload_enabled(self) -> bool:
+        return False
+
+    def train_mode(self, **kwargs):
+        return _ModeCtx(self, "train", **kwargs)
+
+    def eval_mode(self, **kwargs):
+        return _ModeCtx(self, "eval", **kwargs)
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank()
+
+    def get_data_parallel_size(self):
+        return dist.get_world_size()
+
+    def get_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def is_mp_src_rank_with_outputs(self):
+        return True
+
+    def to(self, device: str, model: bool = True, optimizer: bool = True, grad: bool = True):
+        super().to(device, model=model, optimizer=optimizer, grad=grad)  # offload: engine.offload_policy
+
+    def optimizer_zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self) -> float:
+        return clip_and_step(self.module, self.optimizer, self.optimizer_config.clip_grad)
+
+    def lr_scheduler_step(self) -> float:
+        self.lr_scheduler.step()
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def current_lrs(self) -> dict[str, float]:
+        """The lr of each parameter group (generator, reasoner, ...) for the next step."""
+        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+
+    def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False) -> Any:
+        """Micro-batches of this rank's share; verl's losses divide by the global loss-token count."""
+        num_tokens = data["loss_mask"].sum().to(self.device)
+        dist.all_reduce(num_tokens, group=self.get_data_parallel_group())
+        tu.assign_non_tensor(data, batch_num_tokens=num_tokens.item(), dp_size=self.get_data_parallel_size())
+        return_model_output = tu.get_non_tensor_data(data=data, key="return_model_output", default=False)
+        micro_batches, indices = prepare_micro_batches(data=data, dp_group=self.get_data_parallel_group(),
+                                                       same_micro_num_in_dp=True)
+        outputs = []
+        for index, micro_batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with torch.no_grad() if forward_only else nullcontext(), self._gradient_sync(forward_only or last):
+                loss, output = self.forward_step(micro_batch, loss_function, forward_only)
+                if not forward_only:
+                    loss.backward()
+                    if not return_model_output:
+                        output.pop("model_output", None)
+            outputs.append(output)
+        return postprocess_batch_func(output_lst=outputs, indices=indices, data=data)
+
+    def _gradient_sync(self, sync: bool):
+        if sync or not self.engine_config.use_no_sync_for_gradient_accumulation:
+            return nullcontext()
+        return _NoGradientSync(self.module)
+
+    def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
+        """Joint forward of one micro-batch (nested rows: verl's no-padding layout) -> per-token log-probs
+        log p(x_{t+1} | u_<=t) (and entropy on request), then verl's loss function."""
+        pad_mode = tu.get_non_tensor_data(data=micro_batch, key="pad_mode", default=DatasetPadMode.NO_PADDING)
+        if pad_mode != DatasetPadMode.NO_PADDING:
+            raise ValueError(f"the flythinker engine reads data.pad_mode=no_padding batches, got {pad_mode}")
+        micro_batch = micro_batch.to(self.device)
+        logits = self._forward_logits(micro_batch)  # (total tokens, V): every row's real tokens, in order
+        input_ids = micro_batch["input_ids"]
+        offsets = input_ids.offsets()
+        temperature = micro_batch["temperature"] if "temperature" in micro_batch.keys() else 1.0
+        if isinstance(temperature, torch.Tensor):
+            logits = logits / verl_F.expand_as_nested(temperature.float(), input_ids).values().unsqueeze(-1)
+        elif float(temperature) != 1.0:
+            logits = logits / float(temperature)
+        next_ids = torch.roll(input_ids.values(), shifts=-1, dims=0)  # a row's last is masked by the loss
+        model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(
+            verl_F.logprobs_from_logits(logits, next_ids), offsets)}
+        if tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False):
+            model_output["entropy"] = torch.nested.nested_tensor_from_jagged(
+                verl_F.entropy_from_logits(logits), offsets)
+        if loss_function is not None:
+            loss, metrics = loss_function(model_output=model_output, data=micro_batch,
+                                          dp_group=self.get_data_parallel_group())
+        else:
+            assert forward_only, "forward_only must be True when loss_function is None"
+            loss, metrics = torch.tensor(1.0, device=self.device), {}
+        return loss, {"model_output": detach_tree(model_output), "loss": loss.detach().item(), "metrics": metrics}
+
+    def _forward_logits(self, micro_batch: TensorDict) -> torch.Tensor:
+        input_ids, position_ids = micro_batch["input_ids"], micro_batch["position_ids"]
+        response = micro_batch["loss_mask"] if "loss_mask" in micro_batch.keys() else None
+        if position_ids.dim() == 3:
+            raise ValueError("the flythinker engine does not take multi-dimensional (mrope) position_ids")
+        if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
+            # Packed: one row of all sequences; position_ids restart at 0 per sequence, so attention is
+            # block-causal and the latent shift never crosses a sequence boundary.
+            out = self.module(input_ids.values().unsqueeze(0), None, position_ids=position_ids.values().unsqueeze(0),
+                              response_mask=None if response is None else response.values().unsqueeze(0))
+            return out.logits[0]
+        lengths = input_ids.offsets().diff()
+        shape = (len(lengths), int(lengths.max()))
+        pad_id = tu.get_non_tensor_data(data=micro_batch, key="pad_token_id", default=0) or 0
+        mask = build_attention_mask_from_nested(input_ids, shape[1])
+        padded = torch.nested.to_padded_tensor(input_ids, padding=pad_id, output_size=shape)
+        positions = torch.nested.to_padded_tensor(position_ids, padding=0, output_size=shape)
+        response = None if response is None else torch.nested.to_padded_tensor(response, 0, output_size=shape)
+        logits = self.module(padded, mask, position_ids=positions, response_mask=response).logits
+        return logits[mask.bool()]
+
+    # ---- checkpoints and weights ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, local_path: str, hdfs_path: Optional[str] = None, global_step: int = 0,
+                        max_ckpt_to_keep: Optional[int] = None, export: Optional[bool] = None, **kwargs) -> None:
+        """Sharded training state under `local_path`; with `export` (default: at the last training step)
+        also the FlyThinker layout under `local_path/flythinker/`."""
+        if export is None:
+            total = self.optimizer_config.total_training_steps if self.optimizer_config is not None else -1
+            export = total is not None and total > 0 and global_step >= total
+        self.checkpoint_manager.save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep,
+                                                export=export)
+        if self.rank == 0 and export:
+            print(f"[flythinker] exported {Path(local_path) / EXPORT_DIR} ({CONFIG_NAME}, generator/, reasoner/)",
+                  flush=True)
+
+    def load_checkpoint(self, local_path: str, hdfs_path: Optional[str] = None, del_local_after_load: bool = True,
+                        **kwargs) -> int:
+        """Restore `save_checkpoint`'s state; returns the saved step."""
+        return self.checkpoint_manager.load_checkpoint(local_path, hdfs_path, del_local_after_load)
+
+    def export(self, directory: str | os.PathLike) -> None:
+        """The FlyThinker checkpoint layout of the current weights (collective; rank 0 writes)."""
+        export_flythinker(self.module, directory, self.tokenizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded CPU weights on rank 0 ({} elsewhere); collective."""
+        return full_state_dict(self.module)
+
+    def get_per_tensor_param(self, **kwargs):
+        """(name, full tensor) for every weight, streamed one tensor at a time (weight sync to a paired
+        decoder); names as in FlyThinker.state_dict(). Collective: all ranks iterate."""
+        def tensors():
+            for name, value in self.module.state_dict().items():
+                yield name, value.full_tensor() if hasattr(value, "full_tensor") else value
+
+        return tensors(), None
+
+
+class _NoGradientSync:
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+
+
+def register() -> None:
+    """Entry-point / VERL_USE_EXTERNAL_MODULES target; importing this module registered the engine."""

@@ -1,5 +1,5 @@
-"""launch/train.sh as users run it: killed with SIGKILL and rerun, it continues exactly; and it runs under
-`ray job submit` against a private local head."""
+"""launch/train.sh as users run it: under `ray job submit` against a private local head; and killed with
+SIGKILL and rerun (locally), it continues exactly as that uninterrupted job ran."""
 
 import json
 import os
@@ -35,51 +35,25 @@ def records(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def test_kill_9_then_rerun_equals_an_uninterrupted_run(tiny_assets, tmp_path):
-    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
-    subprocess.run(train_cmd(tiny_assets, whole), cwd=REPO, env=ENV, check=True, capture_output=True,
-                   timeout=400)
-
-    proc = subprocess.Popen(train_cmd(tiny_assets, crashed), cwd=REPO, env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not any(r["step"] >= 6 for r in records(crashed)):  # the step-4 checkpoint is behind us
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver, Ray, workers
-    proc.wait()
-    ckpts = crashed / "checkpoints"
-    assert (ckpts / "global_step_4" / "COMPLETE").exists() and not (ckpts / "global_step_12").exists()
-    # Leftovers of a crash mid-save must not be picked: a temp dir and a final-named dir without COMPLETE.
-    (ckpts / ".tmp_global_step_8").mkdir(exist_ok=True)
-    (ckpts / "global_step_10").mkdir()
-
-    rerun = subprocess.run(train_cmd(tiny_assets, crashed), cwd=REPO, env=ENV, capture_output=True, text=True,
-                           timeout=400)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {ckpts / 'global_step_4'} at step 4" in rerun.stdout
-
-    expected, got = records(whole), records(crashed)
-    assert [r["step"] for r in got] == list(range(1, 13))  # no duplicates from the crashed run
-    for a, b in zip(expected, got):
-        for key in ("loss", "grad_norm", "lr", "tokens"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
-        assert ("val_loss" in a) == ("val_loss" in b)
-    for part in ("generator", "reasoner"):
-        final_a = load_file(whole / "final" / part / "model.safetensors")
-        final_b = load_file(crashed / "final" / part / "model.safetensors")
-        for name in final_a:
-            torch.testing.assert_close(final_b[name], final_a[name], atol=1e-6, rtol=1e-5)
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all sockets are held open together, so the OS cannot hand one out twice
+    (Ray refuses a head whose components share a port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_runs_train_sh(tiny_assets, tmp_path):
-    gcs, dashboard, *agent_ports = (free_port() for _ in range(7))
+@pytest.fixture(scope="module")
+def submitted_job(tiny_assets, tmp_path_factory):
+    """ONE uninterrupted 12-step run of launch/train.sh, submitted with `ray job submit` to a private local
+    head: (the `ray job submit` result, its output dir). It is also the reference of the kill -9 test."""
+    tmp_path = tmp_path_factory.mktemp("job")
+    gcs, dashboard, *agent_ports = free_ports(7)
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
@@ -101,21 +75,64 @@ def test_ray_job_submit_runs_train_sh(tiny_assets, tmp_path):
                 break
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
-        out_dir = tmp_path / "job"
+        out_dir = tmp_path / "whole"
         for _ in range(10):  # the dashboard answers before its job agent is up: "No available agent"
             job = subprocess.run(
                 [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                 *train_cmd(tiny_assets, out_dir, "trainer.total_training_steps=3")],
+                 *train_cmd(tiny_assets, out_dir)],
                 cwd=REPO, env=ENV, capture_output=True, text=True, timeout=500)
             if "No available agent" not in job.stderr:
                 break
             time.sleep(2)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout
-        assert [r["step"] for r in records(out_dir)] == [1, 2, 3]
-        assert (out_dir / "final" / "flythinker.json").exists()
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)  # SIGTERM would drain for 30 s
             head.wait(timeout=90)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    return job, out_dir
+
+
+def test_ray_job_submit_runs_train_sh(submitted_job):
+    job, out_dir = submitted_job
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "succeeded" in job.stdout
+    assert [r["step"] for r in records(out_dir)] == list(range(1, 13))
+    assert (out_dir / "final" / "flythinker.json").exists()
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(tiny_assets, submitted_job, tmp_path):
+    job, whole = submitted_job
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    crashed = tmp_path / "crashed"
+
+    proc = subprocess.Popen(train_cmd(tiny_assets, crashed), cwd=REPO, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(r["step"] >= 6 for r in records(crashed)):  # the step-4 checkpoint is behind us
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver, Ray, workers
+    proc.wait()
+    ckpts = crashed / "checkpoints"
+    assert (ckpts / "global_step_4" / "COMPLETE").exists() and not (ckpts / "global_step_12").exists()
+    # Leftovers of a crash mid-save must not be picked: a temp dir and a final-named dir without COMPLETE.
+    (ckpts / ".tmp_global_step_8").mkdir(exist_ok=True)
+    (ckpts / "global_step_10").mkdir()
+
+    rerun = subprocess.run(train_cmd(tiny_assets, crashed), cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {ckpts / 'global_step_4'} at step 4" in rerun.stdout
+
+    expected, got = records(whole), records(crashed)
+    assert [r["step"] for r in expected] == list(range(1, 13))
+    assert [r["step"] for r in got] == list(range(1, 13))  # no duplicates from the crashed run
+    for a, b in zip(expected, got):
+        for key in ("loss", "grad_norm", "lr", "tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+        assert ("val_loss" in a) == ("val_loss" in b)
+    for part in ("generator", "reasoner"):
+        final_a = load_file(whole / "final" / part / "model.safetensors")
+        final_b = load_file(crashed / "final" / part / "model.safetensors")
+        for name in final_a:
+            torch.testing.assert_close(final_b[name], final_a[name], atol=1e-6, rtol=1e-5)

@@ -1,6 +1,6 @@
-"""evaluation.main_generate / launch/generate.sh: every field of the predictions JSONL against in-process
-decoding done here (own chat templating, own crc32 seeds), resume after an interruption with a torn last
-line, refusing to resume with other settings, strict config, and the generator-only baseline against
+"""evaluation.main_generate / launch/generate.sh: ONE run, interrupted (a torn last line) and resumed with
+other batching, whose every field equals decoding done here (own chat templating, own crc32 seeds);
+refusing to resume with other settings, strict config, and the generator-only baseline against
 transformers' own greedy `generate`."""
 
 import json
@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flythinker_worker import FlyThinker, PairedDecoder
 from evaluation.main_generate import load_generate_config, run
 
-pytestmark = pytest.mark.slow
 FIELDS = {"id", "user_id", "task", "prompt", "prediction", "reference", "n_tokens", "seconds"}
 ROWS, MAX_NEW, SEED = 6, 16, 3
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
@@ -49,23 +48,37 @@ def without_seconds(records):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_assets, tmp_path_factory):
-    """A FlyThinker checkpoint, the test split, and one uninterrupted run through launch/generate.sh."""
-    root = tmp_path_factory.mktemp("generate")
-    ckpt = write_checkpoint(root / "ckpt")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("generate") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def setup(ckpt, tiny_assets, ray_local, tmp_path_factory):
+    """ONE predictions file made the way users hit every path: launch/generate.sh stops after 2 batches
+    (4 rows), the 4th line is torn as by a crash mid-write, then the run resumes with other batching and
+    worker count. The tests check this file against decoding done here, row by row."""
     data = tiny_assets / "product_review" / "test.parquet"
-    whole = root / "whole.jsonl"
-    proc = subprocess.run(["bash", "launch/generate.sh", *overrides(ckpt, data, whole)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    out = tmp_path_factory.mktemp("generate_out") / "predictions.jsonl"
+    proc = subprocess.run(["bash", "launch/generate.sh", *overrides(ckpt, data, out, "generation.max_batches=2")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return ckpt, data, whole
+    assert len(read(out)) == 4
+    # A crash in the middle of writing the 4th line: 3 whole lines and a torn one.
+    text = out.read_bytes()
+    cut = text.rstrip(b"\n").rfind(b"\n") + 1
+    out.write_bytes(text[:cut + (len(text) - cut) // 2])
+    # Resume with other batching and worker count: per-row seeds keep every row's sample.
+    run(compose_generate(overrides(ckpt, data, out, "generation.batch_size=3", "trainer.n_gpus_per_node=1")))
+    return ckpt, data, out
 
 
-def test_cli_writes_every_field(setup):
-    ckpt, data, whole = setup
-    records = read(whole)
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_writes_every_field(setup):
+    """Every row once, in input order, each field equal to an uninterrupted decode of that row alone."""
+    ckpt, data, out = setup
+    records = read(out)
     frame = pd.read_parquet(data).head(ROWS)
-    assert [r["id"] for r in records] == frame["id"].tolist()
+    assert [r["id"] for r in records] == frame["id"].tolist()  # no duplicates, none missing
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     decoder = PairedDecoder(FlyThinker.from_pretrained(ckpt).eval())
     for record, (_, row) in zip(records, frame.iterrows()):
@@ -85,22 +98,7 @@ def test_cli_writes_every_field(setup):
     assert len({r["prediction"] for r in records}) == ROWS  # rows really differ
 
 
-def test_interrupted_run_resumes_without_duplicates(ray_local, setup, tmp_path):
-    ckpt, data, whole = setup
-    out = tmp_path / "resumed.jsonl"
-    run(compose_generate(overrides(ckpt, data, out, "generation.max_batches=2")))
-    assert len(read(out)) == 4
-    # A crash in the middle of writing the 4th line: 3 whole lines and a torn one.
-    text = out.read_bytes()
-    cut = text.rstrip(b"\n").rfind(b"\n") + 1
-    out.write_bytes(text[:cut + (len(text) - cut) // 2])
-    # Resume with other batching and worker count: per-row seeds keep every row's sample.
-    run(compose_generate(overrides(ckpt, data, out, "generation.batch_size=3", "trainer.n_gpus_per_node=1")))
-    records = read(out)
-    assert len(records) == ROWS and len({r["id"] for r in records}) == ROWS
-    assert without_seconds(records) == without_seconds(read(whole))
-
-
+@pytest.mark.slow
 def test_complete_file_is_left_alone_and_other_settings_are_refused(setup, tmp_path):
     ckpt, data, whole = setup
     out = tmp_path / "copy.jsonl"
@@ -123,12 +121,13 @@ def test_complete_file_is_left_alone_and_other_settings_are_refused(setup, tmp_p
     ("model.fusion={lam:0.5}", "model.reasoner_path"),
     ("+generation.tempreature=1", "unknown config key 'generation.tempreature'"),
 ])
-def test_bad_config_is_a_clear_error(tiny_assets, tmp_path, bad, message):
-    args = overrides(tiny_assets / "tiny_models/generator", "x.parquet", tmp_path / "o.jsonl", bad)
+def test_bad_config_is_a_clear_error(tmp_path, bad, message):
+    args = overrides(tmp_path / "generator", "x.parquet", tmp_path / "o.jsonl", bad)
     with pytest.raises(ValueError, match=message):
         load_generate_config(compose_generate(args))
 
 
+@pytest.mark.slow
 def test_generator_only_baseline_equals_transformers_generate(ray_local, setup, tmp_path):
     """A plain HF generator folder runs alone (lam 0, no reasoner): greedy equals HF's own generate."""
     ckpt, data, _ = setup
@@ -158,10 +157,9 @@ def test_generator_only_baseline_equals_transformers_generate(ray_local, setup, 
     assert len(records) == 3
 
 
-def test_generator_only_of_a_checkpoint_drops_the_reasoner(setup):
+def test_generator_only_of_a_checkpoint_drops_the_reasoner(ckpt):
     from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig, build_rollout_model
 
-    ckpt, _, _ = setup
     model = build_rollout_model(RolloutConfig(RolloutModelConfig(path=str(ckpt), generator_only=True)))
     full = FlyThinker.from_pretrained(ckpt)
     assert model.reasoner is None and model.lam == 0.0 and full.lam == 0.5

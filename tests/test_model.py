@@ -38,8 +38,10 @@ def gate_for(positions, n_prompt, length):
 
 @pytest.mark.parametrize("width", ["dR<dG", "dR=dG"])
 @pytest.mark.parametrize("positions", ["global", "input_only", "output_only"])
-@pytest.mark.parametrize("lam", [0.5, 2.0])
-def test_forward_equals_formula(width, positions, lam):
+def test_forward_equals_formula(width, positions):
+    # One lam suffices: the reference applies lam as a plain factor per position (lam != 1 catches a
+    # missing or squared factor; test_gradients_follow_the_formula_with_detached_norms runs lam 1.5).
+    lam = 0.5
     generator, reasoner, tok = make_pair(width)
     model = FlyThinker(generator, reasoner, lam=lam, positions=positions)
     torch.manual_seed(1)

@@ -1,6 +1,7 @@
-"""evaluation.trajectories against independent computations: numpy SVD for the PCA projection, known
-directions on constructed points, the reasoner run directly for the collected latents, the CLI's files
-and its error messages."""
+"""evaluation.trajectories against independent computations: known directions on constructed points, the
+reasoner run directly for the collected latents, the CLI's files (point counts from the tokenised
+references, s from the embedding table, explained variance from numpy's SVD of all users' latents) and its
+error messages."""
 
 import json
 import math
@@ -11,23 +12,8 @@ import pytest
 import torch
 
 from flythinker_worker.model import FlyThinker
-from evaluation.trajectories import (NO_LATENTS, collect_latents, fit_directions, main, project_points,
-                                 select_rows, tokenize_row)
+from evaluation.trajectories import NO_LATENTS, collect_latents, fit_directions, main, select_rows, tokenize_row
 from conftest import make_pair
-
-
-def test_pca_projection_equals_numpy_svd():
-    rng = np.random.default_rng(0)
-    # anisotropic cloud so the two leading components are well separated (no sign/order ambiguity)
-    x = rng.normal(size=(200, 12)) * np.linspace(5.0, 0.5, 12) + rng.normal(size=12)
-    projected, explained = project_points(x, "pca")
-    centred = x - x.mean(axis=0)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    expected = centred @ vt[:2].T  # (200, 2)
-    for k in range(2):
-        sign = np.sign(projected[:, k] @ expected[:, k])
-        np.testing.assert_allclose(sign * projected[:, k], expected[:, k], atol=1e-8)
-    np.testing.assert_allclose(explained, (s[:2] ** 2) / (s ** 2).sum(), rtol=1e-10)
 
 
 def _line_samples(angle_deg, rng, samples=4, n=40, step=0.1, noise=0.05):
@@ -93,23 +79,50 @@ def test_collected_latents_have_norm_s_and_match_the_reasoner(tiny_assets):
                                    rtol=1e-4, atol=1e-6)
 
 
+def table_scale(generator_table) -> float:
+    """s = mean L2 norm of the generator's embedding rows, in numpy float64."""
+    table = np.asarray(generator_table, dtype=np.float64)
+    return float(np.sqrt((table ** 2).sum(axis=1)).mean())
+
+
+@pytest.mark.slow  # two CLI runs (model load, t-SNE, plots): 11 s on 2 shared cores
 def test_cli_writes_png_and_json_for_checkpoint_and_pair_folder(tiny_assets, tmp_path):
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
     generator, reasoner, tokenizer = make_pair()
-    FlyThinker(generator, reasoner, lam=0.5).save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
+    model = FlyThinker(generator, reasoner, lam=0.5)
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
     data = str(tiny_assets / "product_review" / "val.parquet")
-    for model, method in [(tmp_path / "ckpt", "pca"), (tiny_assets / "tiny_models", "tsne")]:
+    pair = tiny_assets / "tiny_models"
+    tables = {"pca": generator.get_input_embeddings().weight.detach().numpy(),
+              "tsne": load_file(pair / "generator" / "model.safetensors")["model.embed_tokens.weight"]}
+    for folder, method, tok_dir in [(tmp_path / "ckpt", "pca", tmp_path / "ckpt"), (pair, "tsne", pair / "generator")]:
         out = tmp_path / f"out_{method}"
-        main(["--model", str(model), "--data", data, "--out", str(out), "--users", "2",
+        main(["--model", str(folder), "--data", data, "--out", str(out), "--users", "2",
               "--samples-per-user", "2", "--method", method])
         assert (out / "trajectories.png").stat().st_size > 10_000
         report = json.loads((out / "trajectories.json").read_text())
         assert report["method"] == method and report["n_users"] == 2 and len(report["users"]) == 2
-        assert report["n_points"] == sum(u["n_points"] for u in report["users"])
-        assert (report["explained_variance_ratio"] is None) == (method == "tsne")
+        # one point per response token: the reference's tokens + EOS, with the tokenizer the CLI loads
+        cli_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        rows = select_rows(_rows(tiny_assets), users=2, samples_per_user=2)
         for user in report["users"]:
-            assert user["n_samples"] == 2
+            mine = [r for r in rows if str(r["user_id"]) == user["user_id"]]
+            assert user["n_samples"] == len(mine) == 2
+            assert user["n_points"] == sum(len(cli_tokenizer(r["reference"], add_special_tokens=False)["input_ids"]) + 1
+                                           for r in mine)
             assert abs(np.linalg.norm(user["direction"]) - 1) < 1e-9
-        assert abs(report["latent_norm_mean"] - report["scale_s"]) < 1e-4 * report["scale_s"]
+        s = table_scale(tables[method])
+        assert report["scale_s"] == pytest.approx(s, rel=1e-5)
+        assert report["latent_norm_mean"] == pytest.approx(s, rel=1e-4)
+        if method == "tsne":
+            assert report["explained_variance_ratio"] is None
+        else:  # PCA of ALL users' rescaled latents jointly: explained variance from numpy's SVD of them
+            latents = collect_latents(model, cli_tokenizer, rows, "rescaled")
+            flat = np.concatenate([v for samples in latents.values() for v in samples]).astype(np.float64)
+            sv = np.linalg.svd(flat - flat.mean(axis=0), compute_uv=False)
+            np.testing.assert_allclose(report["explained_variance_ratio"], sv[:2] ** 2 / (sv ** 2).sum(), rtol=1e-4)
 
 
 def test_errors_are_clear(tiny_assets, tmp_path, capsys):

@@ -6,23 +6,45 @@
 `--source PATH` is a folder with one file per split (`train`, `val` or `validation`, `test`; .jsonl,
 .json or .parquet, or shards `<split>-*.<ext>`). Writes OUTDIR/{train,val,test}.parquet and
 OUTDIR/stats.json. The same input and arguments always give the same rows.
+
+All or nothing: a run writes into a temp folder beside OUTDIR and renames it into place once every
+split and stats.json are complete. A run that fails (a bad record with --strict, an unreadable
+source, Ctrl-C) leaves the previous OUTDIR exactly as it was, never a mix of old and new splits.
+
+`--splits` prepares a subset: the other splits' files already in OUTDIR (and anything else there)
+are kept as they are, with their stats.json entries; stats.json's `written` lists the splits this
+run prepared and `carried_over` the arguments each kept split was prepared with (a warning names
+any that differ from this run's). A kept split of another task is an error.
+
+Duplicates: a record with the same user id, input and output as an earlier record of its split is
+dropped and counted as `skipped.duplicate` (also with --strict: it is not malformed). Records shared
+by two splits are kept and counted in stats.json `overlap` (e.g. `"train/test": 3`) with a warning;
+pairs with a split kept from an earlier run keep that run's count or, if it had none, are not
+counted (prepare all splits to count them).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.output import AtomicParquetWriter, SplitStats, write_json_atomic
+from data_prep.outdir import check_out, keep_files, kept_splits, merge_report, previous_stats
+from data_prep.output import ParquetRowWriter, SplitStats, record_key, split_pairs
 from data_prep.retrieval import RETRIEVERS
-from data_prep.rows import DEFAULT_SYSTEM_PROMPT, Budgets, RowBuilder
+from data_prep.rows import Budgets, RowBuilder
 from data_prep.sources import SPLITS, RawRow, SourceError, find_split_files, iter_hub, iter_local
 from data_prep.tasks import INVALID_JSON, TASKS, Problem, Record, get_spec, validate
+from flythinker_worker import utils
+from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT
+
+logger = logging.getLogger(__name__)
 
 SETTINGS = ("user", "temporal")
+DUPLICATE = "duplicate"
 
 
 class BadRecordError(ValueError):
@@ -36,18 +58,12 @@ class BadRecordError(ValueError):
 
 
 def load_tokenizer(path: str | None = None) -> Any:
-    """The tokenizer at `path` (a local HF folder or hub name), or the project's tiny one."""
-    if path is None:
-        from flythinker_worker.tiny import load_tiny_tokenizer
-
-        tokenizer = load_tiny_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:  # noqa: BLE001 - name what failed to load, keep the cause
-            raise SourceError(f"cannot load tokenizer {path!r}: {type(exc).__name__}: {exc}") from exc
+    """The tokenizer at `path` (a local HF folder or hub name), or the project's tiny one; it must
+    have a chat template."""
+    try:
+        tokenizer = utils.load_tokenizer(path)
+    except Exception as exc:  # noqa: BLE001 - name what failed to load, keep the cause
+        raise SourceError(f"cannot load tokenizer {path!r}: {type(exc).__name__}: {exc}") from exc
     if not getattr(tokenizer, "chat_template", None):
         raise SourceError(f"tokenizer {path or 'tiny'!r} has no chat template; prompts are built "
                           "with the generator's chat template (use an Instruct/chat tokenizer)")
@@ -71,7 +87,8 @@ def prepare(task: str, source: str | Path, out: str | Path, *, setting: str = "u
 
     `tokenizer` is a loaded tokenizer, a path for `AutoTokenizer`, or None for the tiny one.
     Bad records are skipped and counted by reason; with `strict` the first one raises
-    BadRecordError naming its split, row and field. Each output file appears only when complete.
+    BadRecordError naming its split, row and field. `out` is replaced only when the whole run
+    succeeds; splits not in `splits` already there are kept (see the module docstring).
     """
     spec = get_spec(task)
     if setting not in SETTINGS:
@@ -81,50 +98,78 @@ def prepare(task: str, source: str | Path, out: str | Path, *, setting: str = "u
     if history_k < 0:
         raise ValueError(f"--history-k must be >= 0, got {history_k}")
     unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
+    if unknown or not splits or len(set(splits)) != len(splits):
         raise ValueError(f"splits must be a non-empty subset of {', '.join(SPLITS)}, got {list(splits)}")
+    splits = [s for s in SPLITS if s in splits]
+    out = Path(out)
+    check_out(out)
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer_name = "tiny" if tokenizer is None else str(tokenizer)
         tokenizer = load_tokenizer(None if tokenizer is None else str(tokenizer))
     else:
         tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     from_hub = str(source) == "hub"
-    # Find every split's files first: a missing split fails before any work is done.
+    # Find every split's files and check what OUTDIR keeps first: these fail before any work.
     files = {s: None if from_hub else find_split_files(source, s) for s in splits}
-    need_history = retriever != "none" and history_k > 0
+    kept = kept_splits(out, task, splits)
+    previous, warnings = previous_stats(out) if kept else ({}, [])
     builder = RowBuilder(spec, tokenizer, history_k, retriever, budgets, system_prompt)
-    out = Path(out)
-    results: dict[str, SplitStats] = {}
-    for split in splits:
-        stats = results[split] = SplitStats(files=[str(p) for p in files[split] or []])
-        # Opened before the writer: an unreachable hub fails before OUTDIR is even created.
-        rows = _rows(task, setting, split, files[split], progress)
-        with AtomicParquetWriter(out / f"{split}.parquet", batch_rows) as writer:
-            for raw in rows:
-                stats.read += 1
-                checked = (Problem(INVALID_JSON, "", raw.error) if raw.error is not None
-                           else validate(raw.value, spec, need_history))
-                if isinstance(checked, Problem):
-                    if strict:
-                        where = ", ".join(stats.files) or f"hub {task}_{setting}"
-                        raise BadRecordError(split, raw.index, checked, where)
-                    stats.skipped[checked.reason] += 1
-                    continue
-                assert isinstance(checked, Record)
-                row, cut = builder.build(checked, split, raw.index)
-                writer.add(row)
-                stats.keep(row, cut)
-    report = {
+    report: dict[str, Any] = {
         "args": {"task": task, "source": str(source), "out": str(out), "setting": setting,
                  "history_k": history_k, "retriever": retriever, "tokenizer": tokenizer_name,
                  "max_history_tokens": budgets.history, "max_query_tokens": budgets.query,
                  "max_response_tokens": budgets.response, "strict": strict, "splits": list(splits),
                  "system_prompt": system_prompt},
-        "splits": {split: stats.to_dict() for split, stats in results.items()},
+        "written": list(splits), "splits": {},
     }
-    write_json_atomic(out / "stats.json", report)
+    results: dict[str, SplitStats] = {}
+    keys: dict[str, set[bytes]] = {}
+    with utils.atomic_directory(out) as tmp:
+        for split in splits:
+            results[split], keys[split] = _prepare_split(
+                split, _rows(task, setting, split, files[split], progress), tmp / f"{split}.parquet",
+                builder, strict, batch_rows, files[split] or [], f"hub {task}_{setting}")
+            report["splits"][split] = results[split].to_dict()
+        overlap = {f"{a}/{b}": len(keys[a] & keys[b]) for a, b in split_pairs(splits)}
+        warnings += merge_report(report, previous, kept, overlap)
+        report["warnings"] = warnings
+        keep_files(out, tmp, splits)
+        utils.write_json_atomic(tmp / "stats.json", report, sort_keys=True, ensure_ascii=False)
+    for warning in warnings:
+        logger.warning("%s: %s", out, warning)
     report["summary"] = f"{task}: " + "; ".join(f"{s} {st.summary()}" for s, st in results.items())
+    if kept:
+        report["summary"] += f"; {', '.join(kept)} carried over from the previous output"
     return report
+
+
+def _prepare_split(split: str, rows: Iterator[RawRow], path: Path, builder: RowBuilder, strict: bool,
+                   batch_rows: int, files: list[Path], hub: str) -> tuple[SplitStats, set[bytes]]:
+    """Write one split's rows to `path`; returns its stats and the keys of the records kept."""
+    spec = builder.spec
+    need_history = builder.retriever != "none" and builder.history_k > 0
+    stats = SplitStats(files=[str(p) for p in files])
+    seen: set[bytes] = set()
+    with ParquetRowWriter(path, batch_rows) as writer:
+        for raw in rows:
+            stats.read += 1
+            checked = (Problem(INVALID_JSON, "", raw.error) if raw.error is not None
+                       else validate(raw.value, spec, need_history))
+            if isinstance(checked, Problem):
+                if strict:
+                    raise BadRecordError(split, raw.index, checked, ", ".join(stats.files) or hub)
+                stats.skipped[checked.reason] += 1
+                continue
+            assert isinstance(checked, Record)
+            key = record_key(checked.user_id, checked.query, checked.output)
+            if key in seen:
+                stats.skipped[DUPLICATE] += 1
+                continue
+            seen.add(key)
+            row, cut = builder.build(checked, split, raw.index)
+            writer.add(row)
+            stats.keep(row, cut)
+    return stats, seen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input, with the reason on stderr)."""
     args = build_parser().parse_args(argv)
+    # Warnings (overlap between splits, kept splits made with other settings) go to stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         budgets = Budgets(args.max_history_tokens, args.max_query_tokens, args.max_response_tokens)
         report = prepare(args.task, args.source, args.out, setting=args.setting,

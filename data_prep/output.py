@@ -1,11 +1,13 @@
-"""Output side of data prep: the parquet row schema, an atomic streaming writer, per-split stats."""
+"""Output side of data prep: the parquet row schema, a streaming writer, record keys, per-split stats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,30 +36,28 @@ ROW_SCHEMA = pa.schema([
 TOKEN_FIELDS = ("prompt", "response", "history", "query")
 
 
-class AtomicParquetWriter:
-    """Writes rows to `path` in row groups of `batch_rows`; the file appears only when complete.
+class ParquetRowWriter:
+    """Writes rows to `path` in row groups of `batch_rows`, holding at most one batch in memory.
 
-    Rows go to a hidden temp file beside `path` (same filesystem, so the final rename is atomic);
-    on an exception the temp file is removed and `path` is left untouched.
+    It writes in place: `prepare` points it into a temp folder that replaces the output folder
+    only when every file of the run is complete (`flythinker_worker.utils.atomic_directory`).
     """
 
     def __init__(self, path: str | Path, batch_rows: int = 256) -> None:
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.batch_rows = batch_rows
         self.rows: list[dict[str, Any]] = []
         self.n_rows = 0
         self._writer: pq.ParquetWriter | None = None
 
-    def __enter__(self) -> AtomicParquetWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self.tmp, ROW_SCHEMA)
+    def __enter__(self) -> ParquetRowWriter:
+        self._writer = pq.ParquetWriter(self.path, ROW_SCHEMA)
         return self
 
     def add(self, row: dict[str, Any]) -> None:
-        """Queue one row; a full batch is written out, so memory holds at most one batch."""
+        """Queue one row; a full batch is written out."""
         self.rows.append(row)
         if len(self.rows) >= self.batch_rows:
             self._flush()
@@ -70,30 +70,28 @@ class AtomicParquetWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        try:
-            if exc_type is None:
-                self._flush()
-            if self._writer is not None:
-                self._writer.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+        if exc_type is None:
+            self._flush()
+        if self._writer is not None:
+            self._writer.close()
+        if exc_type is None:
+            # On disk before the folder rename publishes it (a crash must not leave a torn file).
+            with open(self.path, "rb") as f:
+                os.fsync(f.fileno())
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` via a temp file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def record_key(user_id: str, query: str, output: str) -> bytes:
+    """16-byte digest identifying a record: who wrote what for which query. LongLaMP has no record
+    id; the profile is left out (it is the user's history, not the task instance). Sets of these
+    digests find duplicates and cross-split overlap in bounded memory, without keeping the texts."""
+    # ASCII JSON of the triple: unambiguous field boundaries, and lone surrogates encode too.
+    encoded = json.dumps([user_id, query, output]).encode("ascii")
+    return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
+def split_pairs(splits: Sequence[str]) -> list[tuple[str, str]]:
+    """The unordered pairs of `splits`, in order: ("train", "val"), ("train", "test"), ..."""
+    return [(a, b) for i, a in enumerate(splits) for b in splits[i + 1:]]
 
 
 def nearest_rank(histogram: Counter[int], pct: float) -> int:

@@ -13,8 +13,7 @@ from typing import Any
 from data_prep.retrieval import select_history
 from data_prep.tasks import Record, TaskSpec
 from data_prep.text import HFTokenCounter, Truncated, split_sentences, truncate, truncate_pieces
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT
 
 
 @dataclass(frozen=True)

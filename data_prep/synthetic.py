@@ -21,15 +21,16 @@ import argparse
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 from data_prep import synthetic_vocab as V
-from data_prep.rows import DEFAULT_SYSTEM_PROMPT
 from data_prep.tasks import TASKS, get_spec
+from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT
+from flythinker_worker.utils import atomic_directory, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 HISTORY_DOCS = 8           # documents per user that profiles are drawn from
@@ -256,21 +257,23 @@ def generate_task(task: str, users: int = 24, seed: int = 0, records_per_user: i
 def write_synthetic(out_dir: str | os.PathLike, users: int = 24, seed: int = 0,
                     records_per_user: int = 4, setting: str = "user",
                     tasks: Sequence[str] = TASKS) -> dict[str, dict[str, int]]:
-    """Write `out_dir/<task>/{train,val,test}.jsonl`; returns the record counts per task and split."""
+    """Write `out_dir/<task>/{train,val,test}.jsonl`; returns the record counts per task and split.
+
+    Each task folder is replaced as a whole, once all its splits are written: never a mix of runs,
+    and no stale file (say a `validation.jsonl`) left beside the new ones.
+    """
     counts: dict[str, dict[str, int]] = {}
     for task in tasks:
-        folder = Path(out_dir) / task
-        folder.mkdir(parents=True, exist_ok=True)
-        counts[task] = {}
-        for split, records in generate_task(task, users, seed, records_per_user, setting).items():
-            path = folder / f"{split}.jsonl"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-            counts[task][split] = len(records)
+        records_by_split = generate_task(task, users, seed, records_per_user, setting)
+        with atomic_directory(Path(out_dir) / task) as folder:
+            for split, records in records_by_split.items():
+                write_text_atomic(folder / f"{split}.jsonl", _jsonl(records))
+        counts[task] = {split: len(records) for split, records in records_by_split.items()}
     return counts
+
+
+def _jsonl(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def iter_texts(users: int = 24, seed: int = 0, records_per_user: int = 4, setting: str = "user",
@@ -310,9 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = write_synthetic(args.out, args.users, args.seed, args.records_per_user, args.setting, tasks)
         if args.texts_out:
             Path(args.texts_out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.texts_out, "w", encoding="utf-8") as f:
-                for text in iter_texts(args.users, args.seed, args.records_per_user, args.setting, tasks):
-                    f.write(json.dumps({"input": text}, ensure_ascii=False) + "\n")
+            texts = iter_texts(args.users, args.seed, args.records_per_user, args.setting, tasks)
+            write_text_atomic(args.texts_out, _jsonl({"input": text} for text in texts))
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     for task, per_split in counts.items():

@@ -1,9 +1,19 @@
 """FlyThinker worker package: the joint model, paired decoding, and (in submodules that import verl/ray)
-the distributed workers. Importing this package pulls torch + transformers only."""
+the distributed workers. The names below load on first use (PEP 562), so importing a light submodule
+(`flythinker_worker.utils`, `.tiny`) from data prep does not load the model and decoder; none of them
+needs more than torch + transformers."""
 
-from .decoding import GenerateOutput, PairedDecoder, sample_next
-from .model import FlyThinker, FlyThinkerOutput, Positions, Projection
-from .tiny import load_tiny_tokenizer, tiny_pair
+from importlib import import_module
 
-__all__ = ["FlyThinker", "FlyThinkerOutput", "GenerateOutput", "PairedDecoder", "Positions", "Projection",
-           "load_tiny_tokenizer", "sample_next", "tiny_pair"]
+_EXPORTS = {"FlyThinker": "model", "FlyThinkerOutput": "model", "Positions": "model", "Projection": "model",
+            "GenerateOutput": "decoding", "PairedDecoder": "decoding", "sample_next": "decoding",
+            "load_tiny_tokenizer": "tiny", "tiny_pair": "tiny"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

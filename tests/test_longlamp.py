@@ -401,8 +401,8 @@ def test_strict_stops_at_first_bad_record_and_leaves_no_partial_file(tmp_path, t
         prepare("product_review", src, tmp_path / "out", tokenizer=tok, progress=False, strict=True,
                 batch_rows=1)
     assert (err.value.split, err.value.index) == ("val", 3)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.parquet"]  # no val, no temp files
-    assert len(read_rows(tmp_path / "out" / "train.parquet")) == 2
+    # All or nothing: train was complete, but a failed run publishes no file (and leaves no temp folder).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     code = main(["--task", "product_review", "--source", str(src), "--out", str(tmp_path / "cli"), "--strict",
                  "--no-progress"])
     assert code == 2 and "split 'val' row 3" in capsys.readouterr().err

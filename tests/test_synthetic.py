@@ -227,3 +227,27 @@ def test_cli_on_synthetic_data(tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["args"]["history_k"] == 3 and stats["args"]["max_response_tokens"] == 50
     assert stats["splits"]["test"]["tokens"]["response"]["max"] <= 50
+
+
+def test_task_folder_is_replaced_as_a_whole(tmp_path, monkeypatch):
+    import data_prep.synthetic as synthetic
+
+    write_synthetic(tmp_path, users=3, records_per_user=3, tasks=["topic_writing"])
+    folder = tmp_path / "topic_writing"
+    (folder / "validation.jsonl").write_text("stale\n")  # would make `val` ambiguous for data_prep.longlamp
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def failing(path, text):
+        if Path(path).name == "test.jsonl":
+            raise OSError(28, "No space left on device")
+        real_write(path, text)
+
+    real_write = synthetic.write_text_atomic
+    monkeypatch.setattr(synthetic, "write_text_atomic", failing)
+    with pytest.raises(OSError):
+        write_synthetic(tmp_path, users=3, records_per_user=3, seed=1, tasks=["topic_writing"])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the failed run changed nothing
+    monkeypatch.setattr(synthetic, "write_text_atomic", real_write)
+    write_synthetic(tmp_path, users=3, records_per_user=3, tasks=["topic_writing"])
+    assert sorted(p.name for p in folder.iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["topic_writing"]  # no temp folder left

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from flythinker_worker.config import check
-from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig
+from flythinker_worker.rollout_worker import RolloutConfig, RolloutDecodingConfig, RolloutModelConfig
 from flythinker_worker.model import check_checkpoint
 from flythinker_worker.utils import check_model_source
 
@@ -87,9 +87,10 @@ class GenerateConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: GenerateTrainerConfig = field(default_factory=GenerateTrainerConfig)
+    decoding: RolloutDecodingConfig = field(default_factory=RolloutDecodingConfig)
 
     def rollout_config(self) -> RolloutConfig:
-        return RolloutConfig(model=self.model, device=self.trainer.device)
+        return RolloutConfig(model=self.model, device=self.trainer.device, decoding=self.decoding)
 
     def settings(self) -> dict[str, Any]:
         """What decides the outputs (not batch size, worker count or device): a resumed run must match."""
@@ -97,7 +98,10 @@ class GenerateConfig:
         return {"model": asdict(self.model), "dtype": str(self.rollout_config().torch_dtype),
                 "data_files": list(self.data.files), "max_prompt_length": self.data.max_prompt_length,
                 "sampling": {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                             "top_k": g.top_k, "seed": g.seed}}
+                             "top_k": g.top_k, "seed": g.seed},
+                # Samplers differ between backends (torch.Generator vs counter-based noise): a file is
+                # resumed only with the decoder that started it.
+                "decoder": {"backend": self.decoding.backend, "engine": self.decoding.engine}}
 
 
 def load_generate_config(tree: Any) -> GenerateConfig:

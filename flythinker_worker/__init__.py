@@ -6,7 +6,7 @@ needs more than torch + transformers."""
 from importlib import import_module
 
 _EXPORTS = {"FlyThinker": "model", "FlyThinkerOutput": "model", "Positions": "model", "Projection": "model",
-            "GenerateOutput": "decoding", "PairedDecoder": "decoding", "sample_next": "decoding",
+            "GenerateOutput": "decode_common", "PairedDecoder": "decoding", "sample_next": "sampling",
             "load_tiny_tokenizer": "tiny", "tiny_pair": "tiny"}
 __all__ = sorted(_EXPORTS)
 

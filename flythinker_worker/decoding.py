@@ -4,106 +4,73 @@ sequence. Plain torch + transformers.
 Step t feeds the just-sampled token x_t to BOTH models, with no data dependency between them:
   reasoner:  x_t                                -> r_t      (kept for step t+1)
   generator: E_G[x_t] + lam * m_t * fit(r_{t-1}) -> logits for x_{t+1}
-`prefill` and `step` are the whole backend surface; a static-cache / CUDA-graph / two-stream backend
-replaces them without touching `generate`.
+Two backends behind one `generate`:
+  - "static" (fast_decoding.FastPairedDecoder, the default for the Llama family: qwen2/qwen3/llama/mistral):
+    preallocated per-slot KV caches, one sync-free step for reasoner + generator + sampler, on-device
+    counter-based per-row sampling, torch.compile + one CUDA graph per step on CUDA; `generate_many` adds
+    continuous batching. Its seed contract is in fast_decoding's docstring.
+  - "hf" (this module's `prefill`/`step` loop over HF DynamicCaches): the reference the tests compare
+    against, and the fallback for architectures the static step does not cover. Its sampler draws from
+    torch.Generators (one per row when `seed` is a list).
+Greedy outputs of the two are equal (fp32, and to the teacher-forced forward); sampled outputs differ
+because the samplers differ, each deterministic per row under its own contract.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .model import FlyThinker, Positions, embedding_scale, position_ids_from_mask
+from .decode_common import DecodeState, GenerateOutput, check_sampling, hf_prefill, reasoner_steps
+from .model import FlyThinker
+from .sampling import sample_next
 
-
-@dataclass
-class DecodeState:
-    """Per-batch decoding state between steps."""
-
-    generator_cache: object  # transformers Cache
-    reasoner_cache: object | None  # None when the reasoner is not needed after prefill
-    attention_mask: torch.Tensor  # (B, L) long, L = tokens seen so far
-    next_position: torch.Tensor  # (B, 1) long: position id of the next fed token
-    latent: torch.Tensor | None  # (B, 1, d_G): fit(r_{t-1}) for the next fed token
-    scale: torch.Tensor  # s, fp32 scalar, the same one training uses
-
-
-@dataclass
-class GenerateOutput:
-    sequences: torch.Tensor  # (B, P + N): prompt as given, then generated tokens, pad after EOS
-    num_generated: torch.Tensor  # (B,) tokens generated per row, EOS included
-    logits: torch.Tensor | None = None  # (B, N, V) raw next-token logits, when asked
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else temperature, then top-k,
-    then top-p (nucleus: the smallest set of most likely tokens whose mass reaches top_p)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= top_p  # the most likely token always has mass_before 0: kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _check_sampling(max_new_tokens, temperature, top_p, top_k):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+BACKENDS = ("auto", "static", "hf")
 
 
 class PairedDecoder:
-    """Batched lock-step decoding of a `FlyThinker` (left-padded prompts)."""
+    """Batched lock-step decoding of a `FlyThinker` (left-padded prompts).
 
-    def __init__(self, model: FlyThinker):
+    `backend`: "auto" (default: "static" when fast_decoding supports both models, else "hf"), "static",
+    or "hf" (the reference). `fast_options` go to FastPairedDecoder (compile, cuda_graph, overlap,
+    attention, sync_every)."""
+
+    def __init__(self, model: FlyThinker, backend: str = "auto", **fast_options):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model = model
+        self.backend = backend
+        self.fast_options = fast_options
+        self._fast = None
+
+    def resolved_backend(self) -> str:
+        """The backend `generate` uses for this model ("static" or "hf")."""
+        if self.backend != "auto":
+            return self.backend
+        from .fast_decoding import FastPairedDecoder
+
+        return "hf" if FastPairedDecoder.supports(self.model) else "static"
+
+    @property
+    def fast(self):
+        """The FastPairedDecoder (created once: it keeps its buffers and CUDA graphs between calls)."""
+        if self._fast is None:
+            from .fast_decoding import FastPairedDecoder
+
+            reason = FastPairedDecoder.supports(self.model)
+            if reason:
+                raise ValueError(f"backend 'static' cannot run this model ({reason}); use backend='hf'")
+            self._fast = FastPairedDecoder(self.model, **self.fast_options)
+        return self._fast
 
     @property
     def reasoner_steps(self) -> bool:
         """Whether generated tokens get a latent, i.e. whether the reasoner must run after prefill."""
-        return self.model.uses_reasoner and self.model.positions is not Positions.INPUT_ONLY
+        return reasoner_steps(self.model)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
         """Run R over the prompt, then G over the fused prompt. Returns logits for x_P (B, V) and state."""
-        model = self.model
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError("prompts must be left-padded: every row's last position must be a real token")
-        positions = position_ids_from_mask(attention_mask)
-        embeds = model.generator.get_input_embeddings()(input_ids)  # (B, P, d_G)
-        scale = embedding_scale(model.generator)
-        reasoner_cache, latent = None, None
-        if model.uses_reasoner:
-            states, out = model.reasoner_states(input_ids, attention_mask, positions,
-                                                use_cache=self.reasoner_steps)
-            latents = model.latents(states, scale)  # (B, P, d_G)
-            # Every prompt token is a prompt token: response_mask is all zero here.
-            gate = model.position_gate(attention_mask, torch.zeros_like(attention_mask)) & (positions > 0)
-            embeds = model.fuse(embeds, latents, gate)
-            if self.reasoner_steps:
-                reasoner_cache, latent = out.past_key_values, latents[:, -1:]
-        out = model.generator(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                              use_cache=True, logits_to_keep=1)
-        state = DecodeState(generator_cache=out.past_key_values, reasoner_cache=reasoner_cache,
-                            attention_mask=attention_mask.long(), next_position=positions[:, -1:] + 1,
-                            latent=latent, scale=scale)
-        return out.logits[:, -1], state
+        return hf_prefill(self.model, input_ids, attention_mask)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
@@ -132,9 +99,15 @@ class PairedDecoder:
                  seed: int | list[int] | None = None, output_logits: bool = False) -> GenerateOutput:
         """Decode up to `max_new_tokens` per row; temperature 0 is greedy. Rows stop at EOS and are padded
         with `pad_token_id` (default: the first EOS id) after it; decoding ends when all rows stopped.
-        `seed`: one int seeds the batch; a list gives each row its own sampler, so a row's sample does not
-        depend on its neighbours (how the rollout worker makes sampling independent of batching)."""
-        _check_sampling(max_new_tokens, temperature, top_p, top_k)
+        `seed`: a list gives each row its own sampler, so a row's sample does not depend on its
+        neighbours (how the rollout worker makes sampling independent of batching). One int: backend
+        "static" gives row i the seed `seed + i`, backend "hf" seeds one generator for the batch."""
+        check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if self.resolved_backend() == "static":
+            return self.fast.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_p=top_p, top_k=top_k,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                                      output_logits=output_logits)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
@@ -172,3 +145,36 @@ class PairedDecoder:
         sequences = torch.cat([input_ids, torch.stack(tokens_out, dim=1)], dim=1)
         return GenerateOutput(sequences=sequences, num_generated=num_generated,
                               logits=torch.stack(logits_out, dim=1) if output_logits else None)
+
+    @torch.no_grad()
+    def generate_many(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int = 256,
+                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                      eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                      slots: int = 8) -> tuple[list[list[int]], dict]:
+        """Generated ids (EOS included, no padding) for each prompt (a list of token ids) with its seed, in
+        input order, and stats. Backend "static": continuous batching over `slots` cache slots
+        (FastPairedDecoder.generate_many). Backend "hf": padded batches of `slots` prompts of similar
+        length. Either way each row equals `generate` of that row alone with `seed=[its seed]`."""
+        if self.resolved_backend() == "static":
+            return self.fast.generate_many(prompts, seeds, max_new_tokens, temperature, top_p, top_k,
+                                           eos_token_id, pad_token_id, slots=slots)
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        device = self.model.generator.get_input_embeddings().weight.device
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[list[int] | None] = [None] * len(prompts)
+        for begin in range(0, len(order), max(1, slots)):
+            group = order[begin:begin + max(1, slots)]
+            width = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, i in enumerate(group):
+                ids[j, width - len(prompts[i]):] = torch.as_tensor(prompts[i], dtype=torch.long)
+                mask[j, width - len(prompts[i]):] = 1
+            out = self.generate(ids.to(device), mask.to(device), max_new_tokens, temperature, top_p, top_k,
+                                eos_token_id, pad_token_id, seed=[seeds[i] for i in group])
+            for j, i in enumerate(group):
+                results[i] = out.sequences[j, width:width + int(out.num_generated[j])].tolist()
+        return results, {"batches": -(-len(prompts) // max(1, slots))}

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from verl import DataProto
 
+from flythinker_worker.decode_common import left_pad
 from flythinker_worker.rollout_worker import FlyThinkerRolloutWorker, RolloutConfig, RolloutModelConfig
+
 from .data import pad_token_id, prompt_ids
 from .workers import make_worker_group, release_worker_group
 
@@ -100,19 +102,6 @@ def tokenize_prompts(tokenizer, prompts_messages: Sequence[Sequence[dict]], max_
                      ) -> list[list[int]]:
     """Chat-templated prompt ids of each prompt, cut as training cuts them (recipe.data.prompt_ids)."""
     return [prompt_ids(tokenizer, messages, max_prompt_length)[0] for messages in prompts_messages]
-
-
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, max len) long, padded on the LEFT (decoding appends on the right)."""
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, width - len(ids):] = 1
-    return input_ids, attention_mask
 
 
 def eos_token_ids(tokenizer, model_dir: str | os.PathLike | None = None) -> list[int]:

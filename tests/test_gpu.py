@@ -69,3 +69,109 @@ def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
         assert all(torch.isfinite(torch.tensor(losses)))
     finally:
         dist.destroy_process_group()
+
+
+# ---- fast decoding (flythinker_worker.fast_decoding) on CUDA ------------------------------------------------
+
+FAST_MODES = {"eager": dict(compile=False, cuda_graph=False, overlap=False),
+              "graph": dict(compile=False, cuda_graph=True, overlap=False),
+              "graph+overlap": dict(compile=False, cuda_graph=True, overlap=True),
+              "compile+graph+overlap": dict(compile=True, cuda_graph=True, overlap=True)}
+
+
+def _cuda_model(dtype, lam=1.0):
+    generator, reasoner, tok = make_pair()
+    return FlyThinker(generator, reasoner, lam=lam).to("cuda", dtype).eval(), tok
+
+
+@pytest.mark.parametrize("mode", list(FAST_MODES))
+def test_static_decoder_on_cuda_matches_the_reference_fp32(mode):
+    """Every CUDA form of the static step (eager, one CUDA graph, reasoner on a side stream inside it,
+    compiled parts) reproduces the HF reference loop and the teacher-forced forward in fp32."""
+    model, tok = _cuda_model(torch.float32)
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(tok), (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    ref = PairedDecoder(model, backend="hf").generate(ids, mask, max_new_tokens=16, output_logits=True)
+    decoder = PairedDecoder(model, backend="static", attention="sdpa", **FAST_MODES[mode])
+    for _ in range(2):  # the second call replays the cached graph
+        out = decoder.generate(ids, mask, max_new_tokens=16, output_logits=True)
+        assert torch.equal(out.sequences, ref.sequences)
+        assert (out.logits - ref.logits).abs().max() < 1e-3
+    with torch.no_grad():
+        forced = model(out.sequences[1:]).logits[:, 11:-1].float()
+    assert (out.logits[1:] - forced).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["graph+overlap", "compile+graph+overlap"])
+def test_static_decoder_on_cuda_bf16_and_sampling_are_batch_invariant(mode):
+    model, tok = _cuda_model(torch.bfloat16)
+    decoder = PairedDecoder(model, backend="static", attention="sdpa", **FAST_MODES[mode])
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, len(tok), (n,)).tolist() for n in (5, 12, 9, 3, 7)]
+    seeds = [1, 2, 3, 4, 5]
+    kwargs = dict(max_new_tokens=20, temperature=0.8, top_p=0.95, eos_token_id=[tok.eos_token_id])
+    got, _ = decoder.generate_many(prompts, seeds, slots=2, **kwargs)
+    for p, s, row in zip(prompts, seeds, got):
+        alone = decoder.generate(torch.tensor([p], device="cuda"), seed=[s], **kwargs)
+        assert row == alone.sequences[0, len(p):len(p) + int(alone.num_generated[0])].tolist()
+    # bf16 greedy against the teacher-forced forward, up to bf16 near-ties.
+    ids = torch.tensor([prompts[1]], device="cuda")
+    out = decoder.generate(ids, max_new_tokens=16, output_logits=True)
+    with torch.no_grad():
+        forced = model(out.sequences).logits[:, 11:-1].float()
+    assert (out.logits - forced).abs().max() < 0.15
+    top2 = forced.topk(2, dim=-1).values
+    assert bool(((out.sequences[:, 12:] == forced.argmax(-1)) | (top2[..., 0] - top2[..., 1] < 0.3)).all())
+
+
+def test_sampling_noise_is_the_same_on_cuda_and_cpu():
+    from flythinker_worker.sampling import sample_tokens, uniform_noise
+
+    seeds, counters = torch.tensor([0, 5, 2**31 + 5, 2**40 + 3]), torch.tensor([0, 1, 17, 1535])
+    assert torch.equal(uniform_noise(seeds, counters, 1000), uniform_noise(seeds.cuda(), counters.cuda(), 1000).cpu())
+    logits = torch.randn(4, 1000)
+    assert torch.equal(sample_tokens(logits, seeds, counters, 0.8, 0, 0.95),
+                       sample_tokens(logits.cuda(), seeds.cuda(), counters.cuda(), 0.8, 0, 0.95).cpu())
+
+
+def test_static_decoder_flash_attention_matches_sdpa():
+    """The `gpu` extra's flash-attn: attention='flash' (flash_attn_with_kvcache, per-row cache_seqlens)."""
+    pytest.importorskip("flash_attn")
+    model, tok = _cuda_model(torch.bfloat16)
+    torch.manual_seed(2)
+    ids = torch.randint(3, len(tok), (2, 10), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    sdpa = PairedDecoder(model, backend="static", attention="sdpa", cuda_graph=False, compile=False)
+    flash = PairedDecoder(model, backend="static", attention="flash", cuda_graph=True, compile=False)
+    a = sdpa.generate(ids, mask, max_new_tokens=12, output_logits=True)
+    b = flash.generate(ids, mask, max_new_tokens=12, output_logits=True)
+    assert (a.logits - b.logits).abs().max() < 0.15
+    assert (a.sequences == b.sequences).float().mean() > 0.9
+
+
+def test_vllm_generates_generator_only_systems(tmp_path):
+    """The `gpu` extra's vLLM: the rollout worker's VLLMGenerator on a plain HF generator, greedy equal to
+    our decoder (fp32), sampling reproducible per row seed whatever the batch."""
+    pytest.importorskip("vllm")
+    from flythinker_worker.rollout_worker import VLLMGenerator
+    from flythinker_worker.tiny import tiny_pair
+
+    generator, _, tok = tiny_pair(0, generator_overrides=dict(initializer_range=0.3, tie_word_embeddings=False))
+    generator.save_pretrained(tmp_path / "generator")
+    tok.save_pretrained(tmp_path / "generator")
+    engine = VLLMGenerator(str(tmp_path / "generator"), torch.float32, gpu_memory_utilization=0.3)
+    try:
+        torch.manual_seed(3)
+        prompts = [torch.randint(3, len(tok), (n,)).tolist() for n in (6, 11, 4)]
+        greedy = engine.generate(prompts, [1, 2, 3], 12, 0.0, 1.0, 0, [tok.eos_token_id])
+        ours = PairedDecoder(FlyThinker(generator.to("cuda"), None, lam=0.0)).generate_many(
+            prompts, [1, 2, 3], max_new_tokens=12, eos_token_id=[tok.eos_token_id])[0]
+        assert greedy == ours
+        sampled = engine.generate(prompts, [7, 8, 9], 12, 0.8, 0.95, 0, [tok.eos_token_id])
+        again = engine.generate(prompts[::-1], [9, 8, 7], 12, 0.8, 0.95, 0, [tok.eos_token_id])
+        assert sampled == again[::-1]
+    finally:
+        engine.shutdown()

@@ -11,7 +11,7 @@ from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, Ra
 
 from flythinker_worker import FlyThinker, PairedDecoder
 from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
-from flythinker_worker.rollout_worker import RolloutConfig, RolloutModelConfig
+from flythinker_worker.rollout_worker import RolloutConfig, RolloutDecodingConfig, RolloutModelConfig
 from flythinker_worker.tiny import tiny_pair
 from recipe.config import load_config
 from recipe.data import SFTDataset
@@ -34,9 +34,9 @@ def prompts(tokenizer, n=5):
                                           tokenize=True, return_dict=False) for t in texts]
 
 
-def alone(model, prompt_ids, seeds, eos, pad, **sampling):
+def alone(model, prompt_ids, seeds, eos, pad, backend="auto", **sampling):
     """Reference: each row decoded on its own (batch of 1, no padding), in this process."""
-    decoder, out = PairedDecoder(model.eval()), []
+    decoder, out = PairedDecoder(model.eval(), backend=backend), []
     for ids, seed in zip(prompt_ids, seeds):
         res = decoder.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=pad,
                                seed=[seed], **sampling)
@@ -127,6 +127,37 @@ def test_driver_helpers_pad_to_the_worker_count_and_keep_row_seeds(ckpt_group, c
     assert texts == [tokenizer.decode(r, skip_special_tokens=True) for r in expected]
     # In batches of 2 (different padding and neighbours) the texts are the same.
     assert generate_texts(ckpt_group, tokenizer, messages, sampling, SEEDS, batch_size=2) == texts
+
+
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_continuous_batching_in_the_worker_equals_rows_alone(ray_local, checkpoint, backend):
+    """One worker, 2 cache slots, 5 rows that stop at different lengths: finished rows free their slot for
+    the next prompt (backend static) or rows go in padded batches of 2 (hf); each row is as if alone."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt_ids, pad = prompts(tokenizer), tokenizer.pad_token_id
+    model = FlyThinker.from_pretrained(checkpoint)
+    first = alone(model, prompt_ids, SEEDS, [tokenizer.eos_token_id], pad, backend, **SAMPLING["sampling"])
+    eos = [tokenizer.eos_token_id] + [r[len(r) // 3] for r in first if len(r) > 3][:2]
+    expected = alone(model, prompt_ids, SEEDS, eos, pad, backend, **SAMPLING["sampling"])
+    assert len({len(r) for r in expected}) > 1
+    cfg = RolloutConfig(model=RolloutModelConfig(path=str(checkpoint)),
+                        decoding=RolloutDecodingConfig(backend=backend, slots=2))
+    group, pool = make_rollout_group(cfg, 1)
+    try:
+        out = group_generate(group, prompt_ids, SEEDS, eos, pad, **SAMPLING["sampling"])
+    finally:
+        release_worker_group(group, pool)
+    assert rows(out) == expected
+
+
+def test_decoding_config_is_checked(checkpoint):
+    model = RolloutModelConfig(path=str(checkpoint))
+    for bad, match in ((dict(backend="fast"), "decoding.backend"), (dict(engine="sglang"), "decoding.engine"),
+                       (dict(slots=-1), "decoding.slots"), (dict(vllm_gpu_memory_utilization=0), "vllm_gpu")):
+        with pytest.raises(ValueError, match=match):
+            RolloutConfig(model=model, decoding=RolloutDecodingConfig(**bad))
+    with pytest.raises(ValueError, match="vllm needs"):
+        RolloutConfig(model=model, decoding=dict(engine="vllm"))
 
 
 def test_load_weights_is_strict(ckpt_group):

@@ -1,0 +1,80 @@
+"""The static buffers of one fast-decoding configuration (slots, cache length, sampling), reused across
+calls because captured CUDA graphs keep pointers to them. Plain torch + transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .static_lm import StaticLM
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    slots: int
+    max_len: int
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: tuple
+    pad: int
+    max_new: int
+    output_logits: bool
+
+
+class Session:
+    """Static buffers for one (slots, max_len, sampling) configuration, reused across calls (CUDA graphs
+    keep pointers to them)."""
+
+    def __init__(self, decoder, key: SessionKey, device, dtype):
+        self.key = key
+        model = decoder.model
+        n = key.slots
+        self.generator = StaticLM(model.generator, n, key.max_len, decoder.attention)
+        self.reasoner = StaticLM(model.reasoner, n, key.max_len, decoder.attention) \
+            if decoder.reasoner_steps else None
+        d_g = model.generator.get_input_embeddings().weight.shape[1]
+        long = dict(device=device, dtype=torch.long)
+        self.tokens = torch.zeros(n, **long)  # the token each slot feeds next
+        self.pos = torch.zeros(n, **long)  # its position = cache index
+        self.seeds = torch.zeros(n, **long)
+        self.counter = torch.zeros(n, **long)  # tokens sampled so far (= the next sample's index k)
+        self.finished = torch.ones(n, device=device, dtype=torch.bool)  # idle slots count as finished
+        self.latent = torch.zeros(n, 1, d_g, device=device, dtype=dtype)  # fit(r_{t-1})
+        self.out = torch.full((n, key.max_new + 1), key.pad, **long)  # column max_new: a bin for done rows
+        self.eos = torch.tensor(key.eos or [-1], **long)
+        self.logits = torch.zeros(n, key.max_new + 1, model.generator.config.vocab_size, device=device,
+                                  dtype=torch.float32) if key.output_logits else None
+        self.graph = None
+        self.step_fn = None
+
+    def reset(self):
+        self.finished.fill_(True)
+        self.pos.zero_()
+        self.counter.zero_()
+        self.out.fill_(self.key.pad)
+        if self.logits is not None:
+            self.logits.zero_()
+
+
+def snapshot(s: Session) -> dict:
+    """Copies of every buffer a step writes (to replay a step, e.g. around CUDA-graph warm-up)."""
+    names = ("tokens", "pos", "seeds", "counter", "finished", "latent", "out", "logits")
+    snap = {n: getattr(s, n).clone() for n in names if getattr(s, n) is not None}
+    for lm_name in ("generator", "reasoner"):
+        lm = getattr(s, lm_name)
+        if lm is not None:
+            snap[lm_name] = {k: v.clone() for k, v in lm.named_buffers() if k[0] in "kv"}
+    return snap
+
+
+def restore(s: Session, snap: dict) -> None:
+    """Write a `snapshot` back into the session's buffers in place (graph pointers stay valid)."""
+    for name, value in snap.items():
+        if isinstance(value, dict):
+            buffers = dict(getattr(s, name).named_buffers())
+            for k, v in value.items():
+                buffers[k].copy_(v)
+        else:
+            getattr(s, name).copy_(value)

@@ -1,0 +1,107 @@
+"""Next-token sampling shared by both decoders. `sample_next` draws with torch.Generators (the reference
+decoder); `sample_tokens` draws with counter-based noise hashed from (row seed, sample index, vocab id),
+so a row's k-th token never depends on its batch, slot or device (the fast decoder's seed contract, see
+flythinker_worker.fast_decoding). Plain torch."""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x61C88647  # 2^32 - floor(2^32 / phi); every multiplier below is odd and < 2^31, so products of
+_MUL = (0x7FEB352D, 0x1B873593, 0x5BD1E995)  # 32-bit values never overflow int64 (no wrap-around UB)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else temperature, then top-k,
+    then top-p (nucleus: the smallest set of most likely tokens whose mass reaches top_p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p  # the most likely token always has mass_before 0: kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens, temperature, top_p, top_k) -> None:
+    """ValueError for a sampling setting no decoder accepts."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values in [0, 2^32)."""
+    for mul in _MUL:
+        x = x ^ (x >> 16)
+        x = (x * mul) & _M32
+    return x ^ (x >> 15)
+
+
+def row_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Per-row 32-bit keys from int64 seeds (all 64 bits count). (B,) int64."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    return _mix32(_mix32(lo ^ 0x2545F491) ^ hi)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """u(S_b, k_b, v) in (0, 1) for every row b and vocabulary entry v: (B, V) float32, 24 random bits.
+    A pure function of (seed, counter, v): the same on every device and in every batch."""
+    step_key = _mix32(row_keys(seeds) ^ _mix32((counters & _M32) * _GOLDEN & _M32))  # (B,)
+    v = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _mix32(step_key[:, None] ^ _mix32((v * _GOLDEN + 0x27D4EB2F) & _M32)[None, :])
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits / T with entries outside top-k, then outside the top-p nucleus, set to -inf (as sample_next)."""
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V) under the module's seed contract; greedy when temperature == 0.
+    No host synchronisation, no Python loop over rows."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = filter_scores(logits, temperature, top_k, top_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, scores.shape[-1])))
+    return (scores + gumbel).argmax(dim=-1)
+
+
+# ---- which models the static path supports ------------------------------------------------------------------
+
+
+def row_seed_tensor(seed, batch: int, device) -> torch.Tensor:
+    """(batch,) long row seeds: a list gives row i seed[i]; one int gives row i `seed + i`; None, i."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"seed has {len(seed)} entries for {batch} rows")
+        return torch.tensor([int(x) for x in seed], dtype=torch.long, device=device)
+    base = 0 if seed is None else int(seed)
+    return torch.arange(batch, dtype=torch.long, device=device) + base

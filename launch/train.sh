@@ -17,18 +17,7 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 # The embedded default runs on assets made here, once: the tiny model pair and the synthetic data.
-args=" $* "
-if [[ "$args" != *" model_pair="* || "$args" == *" model_pair=tiny "* ]]; then
-  if [[ ! -f "$DATA_DIR/tiny_models/generator/config.json" ]]; then
-    "$PYTHON" -m flythinker_worker.tiny --out "$DATA_DIR/tiny_models"
-  fi
-fi
-if [[ "$args" != *" task="* || "$args" == *" task=synthetic "* ]]; then
-  if [[ ! -f "$DATA_DIR/synthetic/$SYNTHETIC_TASK/train.parquet" ]]; then
-    "$PYTHON" -m data_prep.synthetic --out "$DATA_DIR/synthetic/raw"
-    "$PYTHON" -m data_prep.longlamp --task "$SYNTHETIC_TASK" --source "$DATA_DIR/synthetic/raw/$SYNTHETIC_TASK" \
-      --out "$DATA_DIR/synthetic/$SYNTHETIC_TASK"
-  fi
-fi
+source launch/_assets.sh
+prepare_default_assets "$@"
 
 exec "$PYTHON" -m recipe.main_flythinker "$@"

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flythinker_worker.config import (FSDPConfig, FusionConfig, ModelConfig, OptimConfig, WorkerConfig, build,
-                                      check)
+from flythinker_worker.config import (ExportConfig, FSDPConfig, FusionConfig, ModelConfig, OptimConfig,
+                                      WorkerConfig, build, check)
 from flythinker_worker.utils import check_model_source
 
 LOGGERS = ("console", "tensorboard", "wandb", "mlflow", "swanlab", "file")
@@ -24,12 +24,20 @@ class DataConfig:
     micro_batch_size_per_gpu: int = 1
     val_batch_size: int = 16
     shuffle: bool = True
+    # Micro-batches to a token budget (verl's names): each rank's rows are packed, without padding, into
+    # micro-batches of at most max_token_len_per_gpu tokens (micro_batch_size_per_gpu is then unused).
+    use_dynamic_bsz: bool = True
+    max_token_len_per_gpu: int = 8192
 
     def __post_init__(self):
         check(bool(self.train_files), "data.train_files", "is required (parquet files with `messages`)")
         for key in ("max_prompt_length", "max_response_length", "train_batch_size",
-                    "micro_batch_size_per_gpu", "val_batch_size"):
+                    "micro_batch_size_per_gpu", "val_batch_size", "max_token_len_per_gpu"):
             check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
+        longest = self.max_prompt_length + self.max_response_length
+        check(not self.use_dynamic_bsz or self.max_token_len_per_gpu >= longest, "data.max_token_len_per_gpu",
+              f"{self.max_token_len_per_gpu} is below the longest row, max_prompt_length + max_response_length "
+              f"= {longest}")
 
 
 @dataclass
@@ -113,6 +121,7 @@ class FlyThinkerConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     val_generation: ValGenerationConfig = field(default_factory=ValGenerationConfig)
 
@@ -128,7 +137,8 @@ class FlyThinkerConfig:
         return WorkerConfig(model=self.model, fusion=self.fusion, optim=self.optim, fsdp=self.fsdp,
                             micro_batch_size_per_gpu=self.data.micro_batch_size_per_gpu,
                             total_training_steps=total_training_steps, device=self.trainer.device,
-                            seed=self.trainer.seed)
+                            seed=self.trainer.seed, export=self.export, use_dynamic_bsz=self.data.use_dynamic_bsz,
+                            max_token_len_per_gpu=self.data.max_token_len_per_gpu)
 
 
 def check_sources(cfg: FlyThinkerConfig) -> None:
@@ -145,12 +155,15 @@ def check_sources(cfg: FlyThinkerConfig) -> None:
 
 
 def build_from_tree(cls, tree: Any):
-    """Dataclass `cls` from a Hydra/OmegaConf tree or a plain dict (its `hydra` section ignored), strictly."""
+    """Dataclass `cls` from a Hydra/OmegaConf tree or a plain dict (its `hydra` and `sweep` sections
+    ignored), strictly."""
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(tree, DictConfig):
         tree = OmegaConf.to_container(tree, resolve=True)
-    return build(cls, {k: v for k, v in tree.items() if k != "hydra"})
+    # `hydra` is Hydra's own; `sweep` is recipe.sweep's (a Hydra multirun over a sweep config trains each
+    # point with plain `run`, so its sweep section is ignored there).
+    return build(cls, {k: v for k, v in tree.items() if k not in ("hydra", "sweep")})
 
 
 def load_config(tree: Any) -> FlyThinkerConfig:

@@ -16,9 +16,10 @@ from .run_lock import RunLock
 from .workers import init_ray
 
 
-def run(tree) -> str:
+def run(tree, on_step=None) -> str:
     """Validate the config and its paths, lock the output folder, start or join Ray, train; returns the
-    exported model folder. Everything that can be checked fails here, before Ray starts."""
+    exported model folder. Everything that can be checked fails here, before Ray starts. `on_step` is
+    FlyThinkerTrainer's per-step hook (recipe.trainer.StepHook), e.g. the sweep's Ray Tune reporting."""
     cfg = load_config(tree)
     check_sources(cfg)
     with RunLock(cfg.trainer.default_local_dir):
@@ -28,7 +29,7 @@ def run(tree) -> str:
         init_ray(cfg.trainer.device)
         from .trainer import FlyThinkerTrainer
 
-        return str(FlyThinkerTrainer(cfg).fit())
+        return str(FlyThinkerTrainer(cfg, on_step=on_step).fit())
 
 
 @hydra.main(config_path="../configs", config_name="flythinker_trainer", version_base=None)

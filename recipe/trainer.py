@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -28,9 +29,16 @@ from .workers import first_metrics, make_worker_group, release_worker_group
 logger = logging.getLogger(__name__)
 
 
+# on_step(step, total_steps, metrics, checkpoint_dir): called after every step (after its validation and
+# checkpoint); checkpoint_dir is the checkpoint written at this step, or None. The sweep driver reports to
+# Ray Tune through it (recipe/sweep.py).
+StepHook = Callable[[int, int, dict, str | None], None]
+
+
 class FlyThinkerTrainer:
-    def __init__(self, cfg: FlyThinkerConfig):
+    def __init__(self, cfg: FlyThinkerConfig, on_step: StepHook | None = None):
         self.cfg = cfg
+        self.on_step = on_step
         self.out_dir = Path(cfg.trainer.default_local_dir)
         self.ckpt_root = checkpointing.checkpoint_root(cfg.trainer.default_local_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -125,8 +133,9 @@ class FlyThinkerTrainer:
             self._log(tracking, metrics, step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if self._due(cfg.trainer.save_freq, step, last):
-                self.save(step)
+            checkpoint = self.save(step) if self._due(cfg.trainer.save_freq, step, last) else None
+            if self.on_step is not None:
+                self.on_step(step, self.total_steps, metrics, None if checkpoint is None else str(checkpoint))
         bar.close()
         final = self.out_dir / "final"
         with atomic_directory(final) as partial:  # renamed only once complete: final/ is never torn

@@ -30,12 +30,39 @@ def make_worker_group(worker_cls, device: str, n_per_node: int, nnodes: int = 1,
                       **init_args) -> tuple[RayWorkerGroup, RayResourcePool]:
     """(group, pool): nnodes x n_per_node processes of `worker_cls`, one GPU (or one CPU) per bundle.
     `colocate` > 1 lets that many groups share each bundle (e.g. training + rollout on one GPU).
-    Release with `release_worker_group` (placement groups outlive their actors otherwise)."""
-    # max_colocate_count bounds the CPUs of a bundle: verl's default of 10 never fits a laptop.
-    pool = RayResourcePool(process_on_nodes=[n_per_node] * nnodes, use_gpu=device == "cuda",
-                           max_colocate_count=colocate)
-    group = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args), device_name=device)
+    Called inside a placement group (a Ray Tune trial: bundle 0 for the trial's driver, then one per
+    worker, see recipe.sweep.trial_resources) the workers take bundles 1..n of it, so the trial's
+    resources are its workers' and end with it. Release with `release_worker_group` (placement groups
+    outlive their actors otherwise; one borrowed from a trial is left to its owner)."""
+    trial_pg = ray.util.get_current_placement_group()
+    if trial_pg is not None:
+        pool = _trial_bundles(trial_pg, device, n_per_node, nnodes, colocate)
+        prefix = f"pg{trial_pg.id.hex()[:8]}_{worker_cls.__name__}_"
+    else:
+        # max_colocate_count bounds the CPUs of a bundle: verl's default of 10 never fits a laptop.
+        pool = RayResourcePool(process_on_nodes=[n_per_node] * nnodes, use_gpu=device == "cuda",
+                               max_colocate_count=colocate)
+        prefix = None
+    group = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args), device_name=device,
+                           name_prefix=prefix)
     return group, pool
+
+
+def _trial_bundles(pg, device: str, n_per_node: int, nnodes: int, colocate: int):
+    """A verl resource pool over bundles 1..n of the placement group this process runs in; it never owns
+    (or removes) that placement group."""
+    from verl.single_controller.ray.base import SubRayResourcePool
+
+    class TrialBundles(SubRayResourcePool):
+        def get_placement_groups(self, strategy="STRICT_PACK", name=None, device_name="cuda"):
+            return [pg]
+
+    bundles = pg.bundle_specs
+    if nnodes != 1 or len(bundles) != 1 + n_per_node or bundles[1].get("CPU", 0) < colocate:
+        raise RuntimeError(f"the placement group {bundles} this process runs in does not fit {nnodes} x "
+                           f"{n_per_node} workers x {colocate} processes (see recipe.sweep.trial_resources)")
+    return TrialBundles(placement_groups=None, start_bundle_index=1, subgroup_world_size=n_per_node,
+                        process_on_nodes=[1 + n_per_node], use_gpu=device == "cuda", max_colocate_count=colocate)
 
 
 def release_worker_group(group: RayWorkerGroup, pool: RayResourcePool | None) -> None:

@@ -27,7 +27,6 @@ the outputs must be equal row by row (the seed contract), and the time ratio is 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 
 from flythinker_worker.decoding import PairedDecoder
 from flythinker_worker.model import FlyThinker
-from flythinker_worker.utils import DTYPES
+from flythinker_worker.utils import DTYPES, write_json_atomic
 
 PRESETS = {
     # name: (generator config, reasoner config), Qwen2 fields
@@ -257,7 +256,7 @@ def main(argv=None):
     parser.add_argument("--cb-slots", type=int, default=8)
     parser.add_argument("--cb-new-tokens", type=int, default=512)
     parser.add_argument("--cb-stop-prob", type=float, default=1 / 256)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", default="bench_results/decode.json", help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,9 +279,8 @@ def main(argv=None):
         result["grid"] = grid(args, pair, args.device)
     if args.continuous or args.only_continuous:
         result["continuous"] = continuous(args, pair, args.device)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json_atomic(args.json, result)
+    print(f"results -> {args.json}")
     return result
 
 

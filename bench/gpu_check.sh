@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# GPU checks, run by a session that is lent a GPU:   bash bench/gpu_check.sh [section ...]
-# Sections run in order, each on its own; with no arguments all of them. Every section writes its log
-# under ${OUT:-gpu_check_out}/ and the script stops at the first failing section.
-# Needs torch (CUDA) + transformers; Ray/verl are not needed for the decode section.
+# GPU checks, run by a session that is lent a GPU:   bash bench/gpu_check.sh [train] [decode]
+# Hardware: one CUDA GPU (written for an H100 80 GB); torch (CUDA) + transformers, no Ray, verl or network.
+# Sections run in order, each on its own; with no arguments all of them (~10-13 min on one H100). Every
+# section writes its logs and JSON under ${OUT:-gpu_check_out}/ and the script stops at the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 SECTIONS=("$@")
-[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(decode)
+[[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(train decode)
 
 wants() { local s; for s in "${SECTIONS[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
+
+# ==== train =================================================================================================
+# Expected: ~5-7 min on one H100.
+# 1. CUDA tests: the FSDP2 bf16 step in our layout (root never resharded) against fp32, CUDA paired decoding
+#    against teacher forcing, and the tiny form of the training check.
+# 2. bench.gpu_train_check under torchrun (world size 1, NCCL): a 0.5B + 0.5B-shaped random-init pair,
+#    bf16 FSDP2 vs fp32 (1e-2), packed vs padded, then tokens/s, MFU and peak memory (vs the analytic
+#    model) for padded / packed / selective checkpointing / per-block compile, and FlyThinker vs SFT
+#    against the FLOP ideal.
+if wants train; then
+  echo "== train: CUDA tests =="
+  timeout 600 "$PYTHON" -m pytest -q tests/test_gpu.py -k "fsdp2 or teacher_forcing_on_cuda or train_check" \
+    2>&1 | tee "$OUT/train_tests.log"
+  echo "== train: bench, 0.5b + 0.5b bf16 FSDP2 =="
+  timeout 900 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -m bench.gpu_train_check \
+    --json "$OUT/train_bench.json" 2>&1 | tee "$OUT/train_bench.log"
+fi
 
 # ==== decode ================================================================================================
 # Expected: ~5-7 min on one H100 (random init on the GPU takes seconds; the slow parts are today's decoder

@@ -103,11 +103,18 @@ class ModelConfig:
     reasoner: PathConfig = field(default_factory=PathConfig)  # empty path with lam=0: SFT only
     attn_implementation: str = "sdpa"
     enable_gradient_checkpointing: bool = False
+    # With enable_gradient_checkpointing: full | selective (keep matmul/attention outputs, recompute the
+    # elementwise ops), applied to every `checkpoint_every`-th decoder layer of both LMs.
+    activation_checkpointing: str = "full"
+    checkpoint_every: int = 1
     trust_remote_code: bool = False
 
     def __post_init__(self):
         check(bool(self.generator.path), "model.generator.path", "is required")
         check_attn_implementation(self.attn_implementation, "model.attn_implementation")
+        check(self.activation_checkpointing in CHECKPOINTING, "model.activation_checkpointing",
+              f"must be one of {', '.join(CHECKPOINTING)}, got {self.activation_checkpointing!r}")
+        check(self.checkpoint_every >= 1, "model.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -123,7 +130,9 @@ class FusionConfig:
         parse_enum(Projection, self.projection, "fusion.projection")
 
 
-LR_SCHEDULERS = ("constant", "cosine")
+# linear: HF Trainer's default and the authors' (warmup, then linear decay to 0; min_lr_ratio unused).
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+CHECKPOINTING = ("full", "selective")
 
 
 @dataclass
@@ -134,7 +143,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_ratio: float = 0.01
-    lr_scheduler: str = "constant"  # constant | cosine
+    lr_scheduler: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
 
@@ -157,10 +166,27 @@ class FSDPConfig:
     param_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     cpu_offload: bool = False
     reshard_after_forward: bool = True
+    # Reduce-scatter gradients after a step's last micro-batch only (earlier ones accumulate unsharded).
+    no_sync_accumulation: bool = True
+    # torch.compile each decoder layer (fewer, fused kernels); backend: inductor (GPU) | aot_eager | ...
+    compile_blocks: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         check(self.param_dtype in ("auto", "bf16", "fp32"), "fsdp.param_dtype",
               f"must be auto, bf16 or fp32, got {self.param_dtype!r}")
+
+
+@dataclass
+class ExportConfig:
+    """The exported model (final/ and engine exports): HF safetensors written a layer at a time."""
+
+    dtype: str = "auto"  # auto (= fsdp.param_dtype as resolved) | bf16 | fp32
+    shard_mb: int = 2048  # one safetensors file at most this big (bounds the writer's memory)
+
+    def __post_init__(self):
+        check(self.dtype in ("auto", "bf16", "fp32"), "export.dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}")
+        check(self.shard_mb >= 1, "export.shard_mb", f"must be >= 1, got {self.shard_mb}")
 
 
 @dataclass
@@ -175,3 +201,8 @@ class WorkerConfig:
     total_training_steps: int
     device: str = "cpu"
     seed: int = 1
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Token-budget micro-batches (verl's names): rows packed without padding up to max_token_len_per_gpu
+    # tokens each; false: micro_batch_size_per_gpu rows each (still packed, no padding).
+    use_dynamic_bsz: bool = False
+    max_token_len_per_gpu: int = 8192

@@ -94,7 +94,11 @@ class FlyThinker(nn.Module):
     """Reasoner + Generator trained jointly with next-token NLL in one forward pass.
 
     `reasoner=None` or `lam=0` is plain SFT of the generator: the reasoner is never run.
+    `step_scale`: when a trainer sets it (flythinker_worker.sharding.StepScale: s computed once per optimizer
+    step from the sharded table), forwards use it instead of recomputing s from the whole table.
     """
+
+    step_scale: torch.Tensor | None = None
 
     def __init__(self, generator: PreTrainedModel, reasoner: PreTrainedModel | None = None, lam: float = 0.5,
                  positions: str | Positions = "global", projection: str | Projection = "pad",
@@ -168,7 +172,8 @@ class FlyThinker(nn.Module):
             return embeds
         states, _ = self.reasoner_states(input_ids, None if packed else attention_mask, position_ids,
                                          use_cache=False)
-        latents = self.latents(states, embedding_scale(self.generator))
+        scale = embedding_scale(self.generator) if self.step_scale is None else self.step_scale.to(states.device)
+        latents = self.latents(states, scale)
         gate = self.position_gate(attention_mask, response_mask) & (position_ids > 0)
         return self.fuse(embeds, latents, gate)
 

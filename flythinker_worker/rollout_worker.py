@@ -241,30 +241,59 @@ class FlyThinkerRolloutWorker(Worker):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> int:
         """Replace every weight with `state_dict` (keys as FlyThinker.state_dict(), e.g. the training
         group's get_full_weights()[0]); strict: a missing or unexpected key is an error. Returns the count."""
-        if self.model is None:
-            raise RuntimeError("call init_model() before load_weights()")
         if not isinstance(state_dict, dict):
             raise TypeError(f"load_weights expects a state dict, got {type(state_dict).__name__} (pass "
                             "get_full_weights()[0]: rank 0's weights; the other ranks return None)")
+        self._begin_weight_sync()
         expected = set(self.model.state_dict())
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         if missing or unexpected:
             raise ValueError(f"load_weights: state dict does not fit this rollout model (lam="
                              f"{self.model.lam}, reasoner={self.model.reasoner is not None}): missing "
                              f"{missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        # load_state_dict copies into the existing (device, dtype) tensors, casting fp32 -> bf16 as needed;
+        # the static decoder's caches and CUDA graphs read the weights in place, so they stay valid.
+        self.model.load_state_dict(state_dict, strict=True)
+        return len(state_dict)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_weight_bucket(self, bucket: dict[str, torch.Tensor], index: int, count: int) -> int:
+        """Copy bucket `index` of `count` (the training group's get_weight_bucket) into the weights in place.
+        A sync is strict as a whole: a key outside the model, a key sent twice, or (after the last bucket)
+        a weight never sent is an error. Returns the number of tensors loaded so far."""
+        if not isinstance(bucket, dict):
+            raise TypeError(f"load_weight_bucket expects a dict of tensors, got {type(bucket).__name__}")
+        if index == 0:
+            self._begin_weight_sync()
+            self._sync_targets, self._sync_seen = self.model.state_dict(), set()
+        elif getattr(self, "_sync_seen", None) is None:
+            raise RuntimeError(f"load_weight_bucket: bucket {index} arrived before bucket 0")
+        with torch.no_grad():
+            for name, value in bucket.items():
+                if name not in self._sync_targets or name in self._sync_seen:
+                    raise ValueError(f"load_weight_bucket: {name!r} is not a weight of this rollout model "
+                                     "or was sent twice")
+                self._sync_targets[name].copy_(value)  # state_dict tensors share the parameters' storage
+                self._sync_seen.add(name)
+        loaded = len(self._sync_seen)
+        if index == count - 1:
+            missing = sorted(set(self._sync_targets) - self._sync_seen)
+            self._sync_targets = self._sync_seen = None
+            if missing:
+                raise ValueError(f"load_weight_bucket: the sync missed {len(missing)} weights, e.g. {missing[:5]}")
+        return loaded
+
+    def _begin_weight_sync(self) -> None:
+        if self.model is None:
+            raise RuntimeError("call init_model() before loading weights")
         if self.config.decoding.engine == "vllm":
-            raise ValueError("load_weights: decoding.engine=vllm cannot take in-memory weights; use engine "
-                             "auto or flythinker")
+            raise ValueError("decoding.engine=vllm cannot take in-memory weights; use engine auto or flythinker")
         self.weights_synced = True  # from now on our decoder generates (engine auto never picks vLLM)
         if self.vllm is not None:
             self.vllm.shutdown()
             self.vllm = None
             self.model.to(self.device)
             self.decoder = self._make_decoder()  # fresh caches/graphs for the weights' new storage
-        # load_state_dict copies into the existing (device, dtype) tensors, casting fp32 -> bf16 as needed;
-        # the static decoder's caches and CUDA graphs read the weights in place, so they stay valid.
-        self.model.load_state_dict(state_dict, strict=True)
-        return len(state_dict)
 
     def _make_decoder(self) -> PairedDecoder:
         dec = self.config.decoding

@@ -3,6 +3,7 @@ the verl engine, the GPU check). torch only: no Ray, no verl, so it also runs wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .utils import atomic_directory, local_device, write_json_atomic
+from .model import FlyThinker
+from .utils import local_device, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,172 @@ def shard_flythinker(model, device: str, param_dtype: torch.dtype, cpu_offload: 
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for lm in (model.generator, model.reasoner):
-        if lm is not None:
-            for layer in lm.base_model.layers:
-                fully_shard(layer, **kwargs)
+    for _, layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(qualified name, module) of every decoder layer of both LMs: the FSDP units."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [(names[id(layer)], layer) for lm in (model.generator, model.reasoner) if lm is not None
+            for layer in lm.base_model.layers]
+
+
+def model_units(model) -> list[tuple[str, list[str]]]:
+    """The pair in load/export units, in state-dict order: (module name, its state-dict keys relative to
+    it). A decoder layer is one unit; every other module that owns tensors directly (embedding tables,
+    final norms, LM heads, projection) is its own unit. A tied tensor appears once, under its first name
+    (the input embedding; a tied LM head owns nothing new). Same on every rank (a function of the layout)."""
+    layers = [name + "." for name, _ in decoder_layers(model)]
+    units: dict[str, list[str]] = {}
+    seen = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        owner = next((p[:-1] for p in layers if key.startswith(p)), key.rpartition(".")[0])
+        units.setdefault(owner, []).append(key[len(owner) + 1:] if owner else key)
+    return list(units.items())
+
+
+# ---- activation checkpointing and per-block compile (applied before sharding, as torchtitan does) -----------
+
+CHECKPOINTING = ("full", "selective")
+
+
+def _saved_ops() -> set:
+    """Ops whose outputs selective checkpointing keeps: matmuls and attention kernels (the FLOPs); the rest
+    of a layer (norms, rotary, SiLU, residual adds: memory-bound, cheap) is recomputed in backward."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    flash = getattr(torch.ops, "flash_attn", None)  # flash-attn's varlen kernel (packed rows on CUDA)
+    for n in ("_flash_attn_forward", "_flash_attn_varlen_forward"):
+        if flash is not None and hasattr(flash, n):
+            ops.add(getattr(flash, n).default)
+    return ops
+
+
+def _selective_contexts():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def enable_checkpointing(model, mode: str = "full", every: int = 1) -> None:
+    """Activation checkpointing of both LMs' decoder layers (HF's per-layer hook). `mode` full: a layer keeps
+    only its input and recomputes everything in backward; selective: it also keeps the outputs of matmuls
+    and attention and recomputes only the cheap elementwise ops (less recompute, ~ (4d + 2d_kv + 2I) x 2
+    bytes more per token and layer in bf16). `every` k: only every k-th layer is checkpointed."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"activation checkpointing mode must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    if every < 1:
+        raise ValueError(f"checkpoint every k-th layer needs k >= 1, got {every}")
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = _selective_contexts
+    for lm in (model.generator, model.reasoner):
+        if lm is None:
+            continue
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for index, layer in enumerate(lm.base_model.layers):
+            layer.gradient_checkpointing = index % every == 0
+
+
+def compile_blocks(model, backend: str = "inductor") -> None:
+    """torch.compile every decoder layer's forward on its own (torchtitan's per-block compile): one small
+    graph reused by all layers of an LM, fused elementwise kernels (fewer launches: the reasoner's cost at
+    the paper's sizes), while FSDP's hooks and the checkpoint wrapper stay eager around it. Parameter
+    names are unchanged (no `_orig_mod.`), so checkpoints, loading and export are unaffected."""
+    for _, layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None)
+
+
+# ---- init: parameters on meta, weights broadcast from rank 0 --------------------------------------------------
+
+def materialize(model, device: torch.device | str) -> None:
+    """Allocate the (sharded) parameters of a model built with parameters on meta: `to_empty` creates
+    every tensor uninitialised, so the real buffers (rotary inv_freq: in no checkpoint) are put back."""
+    buffers = {}
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            raise ValueError(f"buffer {name} is on the meta device; build with parameters_on_meta()")
+        buffers[name] = buffer.detach().clone()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+
+
+def load_from_rank0(model, read=None) -> None:
+    """Fill a sharded, materialised model unit by unit (`model_units`): rank 0's `read(keys)` returns the
+    unit's full tensors (any dtype; keys as in model.state_dict()) and torch's broadcast-from-rank-0
+    state-dict loading sends them on, one tensor at a time; every rank keeps its shard. Peak per rank: its
+    shards + one unit (rank 0: + the unit as read). Other ranks pass read=None. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    units = model_units(model)
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            read.check([f"{unit}.{key}" if unit else key for unit, keys in units for key in keys])
+        except Exception as err:  # noqa: BLE001  (every rank must learn it, or the others wait forever)
+            error = [f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"loading the pair on rank 0 failed: {error[0]}")
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for unit, keys in units:
+        module = model.get_submodule(unit) if unit else model
+        state = {}
+        if dist.get_rank() == 0:
+            full = read([f"{unit}.{key}" if unit else key for key in keys])
+            state = {key: full[f"{unit}.{key}" if unit else key] for key in keys}
+        set_model_state_dict(module, state, options=options)
+        del state
+    dist.barrier()
+
+
+# ---- the embedding-norm scale, once per step ---------------------------------------------------------------------
+
+@torch.no_grad()
+def mean_embedding_norm(weight: torch.Tensor, dtype: torch.dtype, chunk_rows: int = 8192) -> torch.Tensor:
+    """s = mean_v ||E[v]||_2 of a (V, d) table, whole or row-sharded (DTensor: this rank's rows, then one
+    all-reduce). Rows are cast to `dtype` (the forward's param dtype, as the forward sees them) and
+    normed in fp32 `chunk_rows` at a time: no fp32 copy of the table. Returns an fp32 scalar."""
+    from torch.distributed.tensor import DTensor
+
+    local = weight.to_local() if isinstance(weight, DTensor) else weight
+    total = torch.zeros((), dtype=torch.float64, device=local.device)
+    for rows in local.detach().split(chunk_rows):
+        total += rows.to(dtype).float().norm(dim=-1).sum().double()
+    if isinstance(weight, DTensor):
+        dist.all_reduce(total, group=weight.device_mesh.get_group())
+    return (total / weight.shape[0]).float()
+
+
+class StepScale:
+    """`with StepScale(model, dtype):` sets model.step_scale for one step (all its micro-batches)."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+
+    def __enter__(self):
+        if isinstance(self.model, FlyThinker) and self.model.uses_reasoner:
+            self.model.step_scale = mean_embedding_norm(self.model.generator.get_input_embeddings().weight,
+                                                        self.dtype)
+
+    def __exit__(self, *exc):
+        if isinstance(self.model, FlyThinker):
+            self.model.step_scale = None
 
 
 def param_groups(model, lr: float, reasoner_lr: float | None, weight_decay: float) -> list[dict]:
@@ -86,6 +248,17 @@ def clip_and_step(model, optimizer, max_norm: float) -> float:
         logger.warning("non-finite grad norm %s: update skipped", norm)
         optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model):
+    """Backward inside accumulates unsharded gradients without reduce-scatter (FSDP2's no_sync): use on
+    every micro-batch but the last of a step, whose backward reduce-scatters the sum once."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 # ---- training state: sharded, restartable --------------------------------------------------------------------
@@ -167,14 +340,3 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def export_flythinker(model, directory: str | os.PathLike, tokenizer=None) -> None:
-    """Write the FlyThinker checkpoint layout (flythinker.json, generator/, reasoner/, tokenizer) that
-    `FlyThinker.from_pretrained` loads, through a temp folder renamed into place (rank 0 writes).
-    Collective: every rank calls it."""
-    state = full_state_dict(model)
-    if dist.get_rank() == 0:
-        with atomic_directory(directory) as partial:
-            model.save_pretrained(partial, tokenizer=tokenizer, state_dict=state)
-    dist.barrier()

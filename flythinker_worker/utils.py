@@ -71,6 +71,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
     """`obj` as JSON (indent 2 unless told otherwise) written atomically to `path`."""
     dump_kwargs.setdefault("indent", 2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 

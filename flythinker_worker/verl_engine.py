@@ -1,18 +1,12 @@
 """FlyThinker as a verl engine: strategy `flythinker` in verl's engine registry, so verl's own trainers
-(`verl.trainer.sft_trainer`, `sft_trainer_ray`, anything built on `TrainingWorker`) train the Reasoner +
-Generator pair by configuration alone:
+(`sft_trainer`, `sft_trainer_ray`, anything on `TrainingWorker`) train the pair by configuration alone:
+`engine=flythinker engine.reasoner_path=<reasoner> engine.lam=0.5 model.path=<generator>` (with
+`--config-dir <repo>/configs/verl`). Our own trainer's worker (`fsdp_worker`) wraps this same engine.
 
-    engine=flythinker  engine.reasoner_path=<reasoner>  engine.lam=0.5  model.path=<generator>
-    (with `--config-dir <repo>/configs/verl`, which holds engine/flythinker.yaml)
-
-The engine builds the pair with our loader, shards both LMs as ONE FSDP2 module (`sharding.shard_flythinker`,
-the layout our own worker uses), runs the joint forward and hands verl's loss function per-token log-probs
-(`sft_loss` normalises by the GLOBAL loss-token count, all micro-batches and ranks), steps AdamW + verl's lr
-schedule from verl's optim config, saves verl checkpoints as sharded DCP (`sharding.save_train_state`) and,
-at the last step (or every save with `checkpoint.save_contents` holding `hf_model`), exports the FlyThinker
-layout to `<global_step_N>/flythinker/` for `FlyThinker.from_pretrained`, our generation and evaluation.
-
-Our own trainer's worker (`fsdp_worker.FlyThinkerTrainWorker`) wraps this engine: one implementation.
+Scale contract: the pair is built on meta, sharded as ONE FSDP2 module, filled from rank 0 (the only weight
+reader); micro-batches are packed rows (token budget with use_dynamic_bsz); gradients reduce-scattered once
+per step; s computed once per step from the local shards; verl's loss gets per-token log-probs (global token
+mean); checkpoints are sharded DCP; exports (`<global_step_N>/flythinker/` at the last step) are streamed.
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ from . import platform as _platform  # noqa: F401  (the CPU platform is register
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
-from verl.base_config import BaseConfig  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils import torch_functional as verl_F  # noqa: E402
 from verl.utils.checkpoint.checkpoint_manager import BaseCheckpointManager  # noqa: E402
@@ -43,10 +36,12 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngine  # noqa: E402
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches  # noqa: E402
 from verl.workers.utils.padding import build_attention_mask_from_nested  # noqa: E402
 
-from .loading import load_flythinker  # noqa: E402
+from .export import export_flythinker  # noqa: E402
+from .loading import build_on_meta  # noqa: E402
 from .model import CONFIG_NAME, Positions, Projection, parse_enum  # noqa: E402
-from .sharding import (clip_and_step, export_flythinker, full_state_dict, load_train_state,  # noqa: E402
-                       param_groups, save_train_state, shard_flythinker)
+from .sharding import (CHECKPOINTING, StepScale, clip_and_step, compile_blocks,  # noqa: E402
+                       enable_checkpointing, full_state_dict, load_from_rank0, load_train_state, materialize,
+                       no_gradient_sync, param_groups, save_train_state, shard_flythinker)
 from .utils import local_device, resolve_dtype  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -54,6 +49,7 @@ logger = logging.getLogger(__name__)
 STRATEGY = "flythinker"
 EXPORT_DIR = "flythinker"  # <trainer.default_local_dir>/global_step_N/flythinker/
 DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 
 def _fail(key: str, message: str):
@@ -82,9 +78,24 @@ class FlyThinkerEngineConfig(EngineConfig):
     offload_policy: bool = False
     # Reshard decoder layers after forward (the root is never resharded; DESIGN.md section 3).
     reshard_after_forward: bool = True
-    # Defer gradient reduce-scatter to the last micro-batch (more memory, less communication).
-    use_no_sync_for_gradient_accumulation: bool = False
+    # Reduce-scatter gradients after the last micro-batch only (accumulation micro-batches keep unsharded
+    # gradients: + the pair's params in param dtype per rank, one reduce-scatter per step instead of one
+    # per micro-batch).
+    use_no_sync_for_gradient_accumulation: bool = True
     attn_implementation: str = "sdpa"
+    # With model.enable_gradient_checkpointing: full | selective (keep matmul/attention outputs, recompute
+    # the elementwise ops), on every `checkpoint_every`-th decoder layer.
+    activation_checkpointing: str = "full"
+    checkpoint_every: int = 1
+    # torch.compile each decoder layer (torchtitan's per-block compile); backend inductor | aot_eager | ...
+    compile_blocks: bool = False
+    compile_backend: str = "inductor"
+    # lr schedule; null: optim.lr_scheduler_type. `linear` (HF Trainer's default, the authors' schedule:
+    # warmup then linear decay to 0) is handled here because verl's optimizer config knows constant|cosine.
+    lr_scheduler_type: Optional[str] = None
+    # Export (HF safetensors, streamed unit by unit): dtype auto (= dtype) | bf16 | fp32; shard file size.
+    export_dtype: str = "auto"
+    export_shard_mb: int = 2048
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,22 +119,17 @@ class FlyThinkerEngineConfig(EngineConfig):
                   "is not supported by the flythinker engine; use engine.offload_policy=true (FSDP2 CPU offload)")
         if self.use_fused_kernels:
             _fail("use_fused_kernels", "is not supported by the flythinker engine")
+        for key, allowed in (("activation_checkpointing", CHECKPOINTING), ("export_dtype", tuple(DTYPES)),
+                             ("lr_scheduler_type", (None, *LR_SCHEDULERS))):
+            if getattr(self, key) not in allowed:
+                _fail(key, f"must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
+        for key in ("checkpoint_every", "export_shard_mb"):
+            if getattr(self, key) < 1:
+                _fail(key, f"must be >= 1, got {getattr(self, key)}")
 
     @property
     def param_dtype_name(self) -> str:
         return DTYPES[str(self.dtype).lower()]
-
-
-@dataclass
-class FlyThinkerModelConfig(BaseConfig):
-    """The part of verl's `model` config (HFModelConfig) the engine reads, for callers without a verl
-    model config (our worker). `path` may also be a FlyThinker checkpoint folder."""
-
-    path: str = ""
-    local_path: Optional[str] = None
-    trust_remote_code: bool = False
-    enable_gradient_checkpointing: bool = False
-    use_remove_padding: bool = True
 
 
 class FlyThinkerCheckpointManager(BaseCheckpointManager):
@@ -139,7 +145,7 @@ class FlyThinkerCheckpointManager(BaseCheckpointManager):
                          save_optimizer=self.should_save_optimizer and self.optimizer is not None,
                          save_extra=self.should_save_extra)
         if export or self.should_save_hf_model:
-            export_flythinker(self.model, Path(local_path) / EXPORT_DIR, self.processing_class)
+            self.engine.export(Path(local_path) / EXPORT_DIR)
         if self.rank == 0:
             self.register_checkpoint(local_path, max_ckpt_to_keep)
 
@@ -174,11 +180,8 @@ class FlyThinkerEngine(BaseEngine):
         for key in ("lora_rank", "lora_adapter_path", "use_liger", "use_fused_kernels"):
             if model_config.get(key, None):
                 raise ValueError(f"config model.{key}: not supported by the flythinker engine")
-        self.model_config = model_config
-        self.engine_config = engine_config
-        self.optimizer_config = optimizer_config
-        self.checkpoint_config = checkpoint_config
-        self.mode = None
+        self.model_config, self.engine_config = model_config, engine_config
+        self.optimizer_config, self.checkpoint_config, self.mode = optimizer_config, checkpoint_config, None
         self.rank = dist.get_rank()
         self.device_type = device or get_device_name()
         self.device = local_device(self.device_type)
@@ -187,10 +190,12 @@ class FlyThinkerEngine(BaseEngine):
     # ---- build ------------------------------------------------------------------------------------------
 
     def initialize(self):
-        """Load the pair (fp32 master weights), shard it, build the optimizer and the lr schedule."""
+        """Build the pair with its parameters on meta (every rank), checkpointing / compile per config, shard
+        it, allocate the shards, fill them from rank 0 (the only reader of weight files: per-rank peak = the
+        pair / N + one layer), then the optimizer and the lr schedule. fp32 master weights."""
         cfg, model_cfg = self.engine_config, self.model_config
         torch.manual_seed(cfg.seed)
-        model, self.tokenizer = load_flythinker(
+        model, self.tokenizer, reader = build_on_meta(
             model_cfg.local_path or model_cfg.path, cfg.reasoner_path or None, cfg.lam, cfg.positions,
             cfg.projection, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
             trust_remote_code=model_cfg.get("trust_remote_code", False))
@@ -198,37 +203,32 @@ class FlyThinkerEngine(BaseEngine):
                              "reasoner_params": sum(p.numel() for p in model.reasoner.parameters())
                              if model.reasoner is not None else 0}
         if model_cfg.get("enable_gradient_checkpointing", False):
-            for lm in (model.generator, model.reasoner):
-                if lm is not None:
-                    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        param_dtype = resolve_dtype(cfg.param_dtype_name, self.device_type)
-        if not cfg.offload_policy:
-            model.to(self.device)
-        self.module = shard_flythinker(model, self.device_type, param_dtype, cfg.offload_policy,
+            enable_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_every)
+        if cfg.compile_blocks:
+            compile_blocks(model, cfg.compile_backend)
+        self.param_dtype = resolve_dtype(cfg.param_dtype_name, self.device_type)
+        self.module = shard_flythinker(model, self.device_type, self.param_dtype, cfg.offload_policy,
                                        cfg.reshard_after_forward)
+        materialize(self.module, torch.device("cpu") if cfg.offload_policy else self.device)
+        load_from_rank0(self.module, reader if self.rank == 0 else None)
         if not cfg.forward_only:
             opt = self.optimizer_config
             groups = param_groups(self.module, opt.lr, cfg.reasoner_lr, opt.weight_decay)
             self.optimizer = build_optimizer(groups, opt)
-            # verl's own schedule builder (constant / cosine with warmup from optim.*).
-            self.lr_scheduler = FSDPEngine._build_lr_scheduler(self, self.optimizer)
+            self.lr_scheduler = build_lr_scheduler(self.optimizer, opt, cfg.lr_scheduler_type, self.rank)
         self.checkpoint_manager = FlyThinkerCheckpointManager(
             self.module, self.optimizer, self.lr_scheduler, processing_class=self.tokenizer,
             checkpoint_config=self.checkpoint_config)
+        self.checkpoint_manager.engine = self
         if self.rank == 0:
             logger.warning("FlyThinker engine ready: world=%d device=%s dtype=%s lam=%s positions=%s %s",
-                           dist.get_world_size(), self.device_type, param_dtype, cfg.lam, cfg.positions,
+                           dist.get_world_size(), self.device_type, self.param_dtype, cfg.lam, cfg.positions,
                            self.param_counts)
 
     # ---- verl's engine interface --------------------------------------------------------------------------
 
-    @property
-    def is_param_offload_enabled(self) -> bool:
-        return False
-
-    @property
-    def is_optimizer_offload_enabled(self) -> bool:
-        return False
+    is_param_offload_enabled = property(lambda self: False)  # FSDP2 offload: engine.offload_policy
+    is_optimizer_offload_enabled = property(lambda self: False)
 
     def train_mode(self, **kwargs):
         return _ModeCtx(self, "train", **kwargs)
@@ -245,11 +245,7 @@ class FlyThinkerEngine(BaseEngine):
     def get_data_parallel_group(self):
         return dist.group.WORLD
 
-    def is_mp_src_rank_with_outputs(self):
-        return True
-
-    def to(self, device: str, model: bool = True, optimizer: bool = True, grad: bool = True):
-        super().to(device, model=model, optimizer=optimizer, grad=grad)  # offload: engine.offload_policy
+    is_mp_src_rank_with_outputs = lambda self: True  # noqa: E731  (data parallel only)
 
     def optimizer_zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -274,21 +270,21 @@ class FlyThinkerEngine(BaseEngine):
         micro_batches, indices = prepare_micro_batches(data=data, dp_group=self.get_data_parallel_group(),
                                                        same_micro_num_in_dp=True)
         outputs = []
-        for index, micro_batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            with torch.no_grad() if forward_only else nullcontext(), self._gradient_sync(forward_only or last):
-                loss, output = self.forward_step(micro_batch, loss_function, forward_only)
-                if not forward_only:
-                    loss.backward()
-                    if not return_model_output:
-                        output.pop("model_output", None)
-            outputs.append(output)
+        # s (the generator's mean embedding norm) once for all micro-batches: the weights do not change.
+        with StepScale(self.module, self.param_dtype):
+            for index, micro_batch in enumerate(micro_batches):
+                # Gradients are reduce-scattered after the last micro-batch only (accumulated unsharded).
+                defer = (not forward_only and index < len(micro_batches) - 1
+                         and self.engine_config.use_no_sync_for_gradient_accumulation)
+                with torch.no_grad() if forward_only else nullcontext(), \
+                        no_gradient_sync(self.module) if defer else nullcontext():
+                    loss, output = self.forward_step(micro_batch, loss_function, forward_only)
+                    if not forward_only:
+                        loss.backward()
+                        if not return_model_output:
+                            output.pop("model_output", None)
+                outputs.append(output)
         return postprocess_batch_func(output_lst=outputs, indices=indices, data=data)
-
-    def _gradient_sync(self, sync: bool):
-        if sync or not self.engine_config.use_no_sync_for_gradient_accumulation:
-            return nullcontext()
-        return _NoGradientSync(self.module)
 
     def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
         """Joint forward of one micro-batch (nested rows: verl's no-padding layout) -> per-token log-probs
@@ -361,8 +357,13 @@ class FlyThinkerEngine(BaseEngine):
         return self.checkpoint_manager.load_checkpoint(local_path, hdfs_path, del_local_after_load)
 
     def export(self, directory: str | os.PathLike) -> None:
-        """The FlyThinker checkpoint layout of the current weights (collective; rank 0 writes)."""
-        export_flythinker(self.module, directory, self.tokenizer)
+        """The FlyThinker layout of the current weights, streamed a unit at a time in engine.export_dtype
+        (collective; rank 0 writes; peak there: one shard file of engine.export_shard_mb + one layer)."""
+        cfg = self.engine_config
+        name = DTYPES[str(cfg.export_dtype).lower()]
+        dtype = self.param_dtype if name == "auto" else resolve_dtype(name, self.device_type)
+        export_flythinker(self.module, directory, self.tokenizer, dtype=dtype,
+                          shard_bytes=cfg.export_shard_mb << 20)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded CPU weights on rank 0 ({} elsewhere); collective."""
@@ -378,15 +379,20 @@ class FlyThinkerEngine(BaseEngine):
         return tensors(), None
 
 
-class _NoGradientSync:
-    def __init__(self, module):
-        self.module = module
+def build_lr_scheduler(optimizer, optim_config, scheduler_type: Optional[str] = None, rank: int = 0):
+    """verl's constant / cosine schedule with warmup from optim.*, or `linear`: HF Trainer's default (the
+    authors'), lr * t / w during warmup, then lr * (T - t) / (T - w) down to 0 (min_lr_ratio unused)."""
+    scheduler_type = scheduler_type or optim_config.lr_scheduler_type
+    if scheduler_type != "linear":
+        holder = type("_Holder", (), {"optimizer_config": optim_config, "rank": rank})()
+        return FSDPEngine._build_lr_scheduler(holder, optimizer)
+    from transformers import get_linear_schedule_with_warmup
 
-    def __enter__(self):
-        self.module.set_requires_gradient_sync(False)
-
-    def __exit__(self, *exc):
-        self.module.set_requires_gradient_sync(True)
+    total = optim_config.total_training_steps
+    warmup = optim_config.lr_warmup_steps
+    if warmup is None or warmup <= 0:
+        warmup = int(optim_config.lr_warmup_steps_ratio * total)
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def register() -> None:

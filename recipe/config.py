@@ -103,6 +103,7 @@ class ValGenerationConfig(SamplingConfig):
     """Every trainer.test_freq steps: generate for a few validation prompts and log their metrics."""
 
     num_samples: int = 0  # 0: off
+    sync_bucket_mb: int = 512  # weights stream to the rollout workers in pieces of at most this many MiB
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -112,6 +113,7 @@ class ValGenerationConfig(SamplingConfig):
     def __post_init__(self):
         super().__post_init__()
         check(self.num_samples >= 0, "val_generation.num_samples", f"must be >= 0, got {self.num_samples}")
+        check(self.sync_bucket_mb >= 1, "val_generation.sync_bucket_mb", f"must be >= 1, got {self.sync_bucket_mb}")
 
 
 @dataclass

@@ -73,17 +73,22 @@ def rollout_config_from_training(cfg) -> RolloutConfig:
     return RolloutConfig(model=model, device=cfg.trainer.device)
 
 
-def sync_weights(train_group, rollout_group) -> int:
-    """Copy the training group's current weights into every rollout worker, in memory. Every training
-    rank must take part in get_full_weights (it gathers the FSDP shards); rank 0's result goes to the
-    rollout workers as an ObjectRef, which Ray resolves in each worker without a detour via the driver.
-    Returns the number of tensors loaded."""
+def sync_weights(train_group, rollout_group, dtype: str = "fp32", bucket_mb: float = 512) -> int:
+    """Copy the training group's current weights into every rollout worker, in memory, streamed in buckets
+    of at most `bucket_mb` MiB in `dtype` (the rollout's compute dtype): every training rank gathers one
+    bucket (FSDP shards), rank 0's bucket goes to the rollout workers as an ObjectRef that Ray resolves in
+    each worker without a detour via the driver, and the next bucket is gathered only after the workers
+    copied this one. So no process ever holds the whole state. Returns the number of tensors loaded."""
     import ray
 
-    refs = train_group.execute_all_async("get_full_weights")
-    counts = rollout_group.load_weights(refs[0])
-    ray.get(refs[1:])  # surface errors on the other ranks
-    return counts[0]
+    count = train_group.weight_bucket_count(bucket_mb, dtype)[0]
+    loaded = 0
+    for index in range(count):
+        refs = train_group.execute_all_async("get_weight_bucket", index, bucket_mb, dtype)
+        loaded = rollout_group.load_weight_bucket(refs[0], index, count)[0]
+        ray.get(refs[1:])  # surface errors on the other ranks
+        del refs
+    return loaded
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------

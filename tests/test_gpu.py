@@ -175,3 +175,18 @@ def test_vllm_generates_generator_only_systems(tmp_path):
         assert sampled == again[::-1]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_train_check_tiny_bf16_fsdp2(tmp_path):
+    """bench.gpu_train_check end to end on the tiny pair (bf16 FSDP2, world size 1): accuracy gates hold."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "check.json"
+    subprocess.run([sys.executable, "-m", "bench.gpu_train_check", "--preset", "tiny", "--length-scale", "0.1",
+                    "--budget", "1024", "--steps", "1", "--warmup", "1", "--skip", "compiled",
+                    "--json", str(out)], check=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
+    assert json.loads(out.read_text())["accuracy"]["ok"]

@@ -185,7 +185,9 @@ def test_weights_synced_from_training_equal_its_export(ray_local, tiny_assets, t
         before = rows(group_generate(rollout, prompt_ids, SEEDS[:4], eos, pad, **SAMPLING["greedy"]))
         for begin in (0, 4):
             train.train_batch(DataProto.from_dict(dict(data.collate(list(range(begin, begin + 4))))))
-        assert sync_weights(train, rollout) > 0
+        # A bucket of 0.05 MiB streams the ~1 MiB tiny pair in many pieces; every weight arrives once.
+        loaded = sync_weights(train, rollout, bucket_mb=0.05)
+        assert train.weight_bucket_count(0.05, "fp32")[0] > 5
         synced = {mode: rows(group_generate(rollout, prompt_ids, SEEDS[:4], eos, pad, **SAMPLING[mode]))
                   for mode in SAMPLING}
         train.export_model(str(tmp_path / "export"))
@@ -195,6 +197,7 @@ def test_weights_synced_from_training_equal_its_export(ray_local, tiny_assets, t
         release_worker_group(train, pool)
 
     exported = FlyThinker.from_pretrained(tmp_path / "export")
+    assert loaded == len(exported.state_dict())  # every weight arrived, once
     for mode, got in synced.items():
         assert got == alone(exported, prompt_ids, SEEDS[:4], eos, pad, **SAMPLING[mode]), mode
     assert synced["greedy"] != before  # two steps at lr 1e-2 changed the model's greedy outputs

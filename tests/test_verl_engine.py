@@ -196,3 +196,141 @@ def test_verl_ray_sft_trainer_runs_on_cpu(tiny_assets, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "train/loss:" in proc.stdout
     assert (out / "global_step_1" / "flythinker" / "flythinker.json").exists()
+
+
+# ---- the engine on 2 gloo ranks without Ray: packing, token budget, gradient sync, scale, lr schedule ----------
+
+def _padded_rows(lengths, vocab, seed=0):
+    """A right-padded batch of random rows; the first half of each row is prompt (no loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    batch = {"input_ids": torch.zeros(len(lengths), width, dtype=torch.long),
+             "attention_mask": torch.zeros(len(lengths), width, dtype=torch.long),
+             "labels": torch.full((len(lengths), width), -100, dtype=torch.long)}
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, vocab, (n,), generator=generator)
+        batch["input_ids"][i, :n], batch["attention_mask"][i, :n] = ids, 1
+        batch["labels"][i, n // 2:n] = ids[n // 2:]
+    return batch
+
+
+def _engine_variants(rank, world, root, out):
+    """One engine; the same global batch through every micro-batching path; grads gathered on rank 0."""
+    from functools import partial
+
+    import torch.distributed as dist
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import sft_loss
+
+    import flythinker_worker.model as model_module
+    import flythinker_worker.sharding as sharding
+    from flythinker_worker.config import FSDPConfig, FusionConfig, ModelConfig, OptimConfig, PathConfig, WorkerConfig
+    from flythinker_worker.fsdp_worker import engine_batch, engine_configs
+    from flythinker_worker.verl_engine import FlyThinkerEngine
+
+    calls = {"table_copy": 0, "scale": 0, "sync": []}
+    original_scale, original_norm = model_module.embedding_scale, sharding.mean_embedding_norm
+    model_module.embedding_scale = lambda g: (calls.__setitem__("table_copy", calls["table_copy"] + 1),
+                                              original_scale(g))[1]
+    sharding.mean_embedding_norm = lambda *a, **k: (calls.__setitem__("scale", calls["scale"] + 1),
+                                                    original_norm(*a, **k))[1]
+    cfg = WorkerConfig(model=ModelConfig(generator=PathConfig(f"{root}/generator"),
+                                         reasoner=PathConfig(f"{root}/reasoner")),
+                       fusion=FusionConfig(lam=0.5), optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
+                       fsdp=FSDPConfig(param_dtype="fp32"), micro_batch_size_per_gpu=1, total_training_steps=4,
+                       device="cpu")
+    engine = FlyThinkerEngine(*engine_configs(cfg), device="cpu")
+    engine.initialize()
+    real_sync = engine.module.set_requires_gradient_sync
+    engine.module.set_requires_gradient_sync = lambda flag, **k: (calls["sync"].append(flag), real_sync(flag, **k))
+    lengths = [23, 7, 15, 30, 11, 19, 5, 26]  # rank 0: the first 4 rows, rank 1: the last 4
+    full = _padded_rows(lengths, 200)
+    mine = {k: v[rank * 4:(rank + 1) * 4] for k, v in full.items()}
+    variants = {"padded_mb2": (2, None, False), "packed_mb1": (1, None, True), "packed_mb4": (4, None, True),
+                "budget_40": (1, 40, True), "packed_mb1_sync_every": (1, None, True)}
+    results = {}
+    for name, (micro, budget, packed) in variants.items():
+        object.__setattr__(engine.engine_config, "use_no_sync_for_gradient_accumulation",
+                           name != "packed_mb1_sync_every")  # verl configs are frozen
+        batch = engine_batch(mine, micro, budget)
+        tu.assign_non_tensor(batch, use_remove_padding=packed)
+        calls.update(table_copy=0, scale=0, sync=[])
+        with engine.train_mode(zero_grad_on_exit=True):
+            output = engine.forward_backward_batch(batch, partial(sft_loss, config=None))
+            grads = {n: p.grad.full_tensor() for n, p in engine.module.named_parameters()}
+        loss = torch.tensor([sum(output["loss"])], dtype=torch.float64)
+        dist.all_reduce(loss)
+        results[name] = {"loss": float(loss) / world, "grads": grads, "calls": dict(calls),
+                         "micro_batches": len(output["loss"])}
+    if rank == 0:
+        torch.save({k: v["grads"] for k, v in results.items()}, f"{out}/grads.pt")
+        summary = {k: {kk: vv for kk, vv in v.items() if kk != "grads"} for k, v in results.items()}
+        Path(f"{out}/summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def engine_variants(tmp_path_factory):
+    from test_sharding import spawn
+
+    from flythinker_worker.tiny import write_tiny_pair
+
+    root, out = tmp_path_factory.mktemp("pair"), tmp_path_factory.mktemp("variants")
+    write_tiny_pair(root)
+    spawn(_engine_variants, 2, str(root), str(out))
+    return (json.loads((out / "summary.json").read_text()), torch.load(out / "grads.pt", weights_only=True),
+            root)
+
+
+def test_packed_and_token_budget_equal_padded(engine_variants):
+    """fp32 CPU: packed rows (position ids restarting per row, the latent shift stopping at row ends) give
+    the padded path's loss and gradients, for any micro-batching (rows or a token budget)."""
+    summary, grads, _ = engine_variants
+    reference = summary["padded_mb2"]["loss"]
+    assert summary["budget_40"]["micro_batches"] > summary["packed_mb4"]["micro_batches"] == 1
+    for name in ("packed_mb1", "packed_mb4", "budget_40", "packed_mb1_sync_every"):
+        assert summary[name]["loss"] == pytest.approx(reference, rel=1e-5), name
+        for key, value in grads["padded_mb2"].items():
+            torch.testing.assert_close(grads[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_padded_engine_equals_one_process_forward(engine_variants):
+    """The engine's loss on 2 ranks = FlyThinker's own padded forward of the whole batch in one process."""
+    from flythinker_worker.loading import load_flythinker
+
+    summary, _, root = engine_variants
+    model, _ = load_flythinker(f"{root}/generator", f"{root}/reasoner", 0.5, "global", "pad")
+    batch = _padded_rows([23, 7, 15, 30, 11, 19, 5, 26], 200)
+    loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+    assert summary["packed_mb1"]["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_gradient_sync_on_last_micro_batch_and_scale_once_per_step(engine_variants):
+    summary, _, _ = engine_variants
+    # 4 rows per rank in micro-batches of 1: no reduce-scatter on the first 3, then one.
+    assert summary["packed_mb1"]["calls"]["sync"] == [False, True] * 3
+    assert summary["packed_mb1_sync_every"]["calls"]["sync"] == []
+    for name, record in summary.items():
+        assert record["calls"]["scale"] == 1, name  # once per step, from the local shard
+        assert record["calls"]["table_copy"] == 0, name  # never the fp32 copy of the whole table
+
+
+def test_linear_lr_schedule_matches_hf_formula():
+    """optim.lr_scheduler=linear: lr * t / w in warmup, then lr * (T - t) / (T - w), down to 0."""
+    from verl.workers.config import FSDPOptimizerConfig
+
+    from flythinker_worker.verl_engine import build_lr_scheduler
+
+    lr, total, ratio = 1e-3, 20, 0.1
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+    config = FSDPOptimizerConfig(lr=lr, lr_warmup_steps_ratio=ratio, total_training_steps=total)
+    scheduler = build_lr_scheduler(optimizer, config, "linear")
+    warmup = int(ratio * total)
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [lr * t / warmup if t < warmup else lr * (total - t) / (total - warmup) for t in range(total)]
+    assert seen == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    json.dumps(scheduler.state_dict())  # per-rank state is JSON (no pickles)

@@ -39,7 +39,7 @@ from data_prep.rows import Budgets, RowBuilder
 from data_prep.sources import SPLITS, RawRow, SourceError, find_split_files, iter_hub, iter_local
 from data_prep.tasks import INVALID_JSON, TASKS, Problem, Record, get_spec, validate
 from flythinker_worker import utils
-from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT
+from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT  # noqa: F401 - the tiny template's default, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,14 @@ def _rows(task: str, setting: str, split: str, files: list[Path] | None, progres
 def prepare(task: str, source: str | Path, out: str | Path, *, setting: str = "user",
             history_k: int = 2, retriever: str = "bm25", tokenizer: Any = None,
             budgets: Budgets = Budgets(), strict: bool = False, splits: Sequence[str] = SPLITS,
-            system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = True,
+            system_prompt: str | None = None, progress: bool = True,
             batch_rows: int = 256) -> dict[str, Any]:
     """Prepare `task` from `source` ("hub" or a folder) into `out`; returns the stats.json dict.
 
     `tokenizer` is a loaded tokenizer, a path for `AutoTokenizer`, or None for the tiny one.
     Bad records are skipped and counted by reason; with `strict` the first one raises
-    BadRecordError naming its split, row and field. `out` is replaced only when the whole run
+    BadRecordError naming its split, row and field. `system_prompt` None (default) writes no system
+    turn, so the tokenizer's chat template adds its own default. `out` is replaced only when the whole run
     succeeds; splits not in `splits` already there are kept (see the module docstring).
     """
     spec = get_spec(task)
@@ -192,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-response-tokens", type=int, default=Budgets.response)
     parser.add_argument("--splits", default=",".join(SPLITS),
                         help="comma-separated subset of train,val,test (default all)")
-    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+    parser.add_argument("--system-prompt", default=None, metavar="TEXT",
+                        help="write this system turn into every prompt; default: none, so the tokenizer's "
+                             "chat template adds its own default (Qwen2.5: 'You are Qwen, created by "
+                             "Alibaba Cloud. ...'; the tiny one: 'You are a helpful assistant.')")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad record instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

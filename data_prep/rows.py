@@ -3,6 +3,10 @@
 User turn = the retrieved history items (LongLaMP's per-task rendering, one item per line), a blank
 line, LongLaMP's bridge sentence and the query; with no history, just the query. The assistant turn
 is the user's text cut to its budget; `reference` keeps the untruncated output for scoring.
+
+System turn: none by default, so the generator's own chat template supplies its default (Qwen2.5's
+"You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", the tiny tokenizer's "You are a
+helpful assistant.") exactly as the paper's prompts had it; `system_prompt="..."` writes an explicit one.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 from data_prep.retrieval import select_history
 from data_prep.tasks import Record, TaskSpec
 from data_prep.text import HFTokenCounter, Truncated, split_sentences, truncate, truncate_pieces
-from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT
+from flythinker_worker.tiny import DEFAULT_SYSTEM_PROMPT  # noqa: F401 - the tiny template's default, re-exported
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class RowBuilder:
     history_k: int = 2
     retriever: str = "bm25"
     budgets: Budgets = Budgets()
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = None  # None: no system turn (the chat template's own default applies)
 
     def __post_init__(self) -> None:
         self.counter = HFTokenCounter(self.tokenizer)
@@ -73,8 +77,9 @@ class RowBuilder:
                    if items else Truncated("", 0, False))
         query = truncate(record.query, self.budgets.query, self.counter)
         response = truncate(record.output, self.budgets.response, self.counter)
-        prompt = [{"role": "system", "content": self.system_prompt},
-                  {"role": "user", "content": user_turn(history.text, query.text, self.spec)}]
+        prompt = [{"role": "user", "content": user_turn(history.text, query.text, self.spec)}]
+        if self.system_prompt is not None:
+            prompt.insert(0, {"role": "system", "content": self.system_prompt})
         row = {
             "id": f"{self.spec.name}-{split}-{index}",
             "task": self.spec.name,
@@ -83,7 +88,8 @@ class RowBuilder:
             "prompt": prompt,
             "response": response.text,
             "reference": record.output,
-            # The whole chat-templated prompt incl. system turn and generation prompt.
+            # The whole chat-templated prompt incl. the (template's or explicit) system turn and
+            # the generation prompt.
             "n_prompt_tokens": self._n_template_tokens(prompt),
             "n_response_tokens": response.n_tokens,
             "n_history_tokens": history.n_tokens,

@@ -10,6 +10,10 @@ habit (reviews), a keyword-list style and verb (abstracts), or lowercase/slang/T
 (reddit). Topic words follow the query, style words follow the user, so a model that reads the
 retrieved history can reproduce the style and one that does not cannot.
 
+`--preset demo` (make demo) writes short reviews (2-3 body sentences) in which every text carries the
+user's opener and signature closer; the default `longlamp` keeps LongLaMP-like lengths. The CLI prints
+the history signal: how many of a test output's words its own user's history holds vs another user's.
+
 `--setting user` (default, like LongLaMP's user-based split) gives train/val/test disjoint users;
 `temporal` puts every user in every split (their last two records to val and test).
 Deterministic for a seed: every draw comes from `random.Random` seeded by (seed, task, user).
@@ -21,6 +25,8 @@ import argparse
 import json
 import os
 import random
+import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -36,6 +42,20 @@ SPLITS = ("train", "val", "test")
 HISTORY_DOCS = 8           # documents per user that profiles are drawn from
 PROFILE_SIZE = (4, 8)      # profile items per record (inclusive range)
 SIGNATURE_RATE = 0.9       # share of a user's texts that carry the signature phrase
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How long and how regular the texts are. `longlamp` (default) mimics LongLaMP's lengths; `demo`
+    (make demo) writes short reviews in which the user's traits are always present: an opener and the
+    signature closer in every text, 2-3 body sentences. Both keep the same per-user traits."""
+
+    sentences: tuple[int, int] = (3, 7)   # a user's typical number of body sentences (inclusive range)
+    signature_rate: float = SIGNATURE_RATE
+    always_opener: bool = False            # True: no user without an opener
+
+
+PRESETS = {"longlamp": Preset(), "demo": Preset(sentences=(2, 3), signature_rate=1.0, always_opener=True)}
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,7 @@ class UserStyle:
     slang: str = "tbh"
     emoticon: str = ""
     tldr: bool = False
+    signature_rate: float = SIGNATURE_RATE
 
 
 def _cap(text: str) -> str:
@@ -69,9 +90,17 @@ def _rng(seed: int, *parts: object) -> random.Random:
     return random.Random("-".join(str(p) for p in (seed, *parts)))
 
 
-def make_users(task: str, n_users: int, seed: int = 0) -> list[UserStyle]:
+def get_preset(preset: str) -> Preset:
+    """The named Preset; ValueError naming the choices otherwise."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def make_users(task: str, n_users: int, seed: int = 0, preset: str = "longlamp") -> list[UserStyle]:
     """The `n_users` users of `task`; user i is the same whatever n_users is (bar the signature)."""
     get_spec(task)
+    style = get_preset(preset)
     pairs = list(product(V.SIGNATURE_ADJECTIVES, V.SIGNATURE_NOUNS))
     if not 1 <= n_users <= len(pairs):
         raise ValueError(f"users must be in 1..{len(pairs)}, got {n_users}")
@@ -82,6 +111,8 @@ def make_users(task: str, n_users: int, seed: int = 0) -> list[UserStyle]:
                                      V.ABSTRACT_OPENERS, V.ABSTRACT_CLOSERS),
              "topic_writing": (V.REDDIT_TOPICS, V.REVIEW_FAVORITE_ADJECTIVES, ("",), V.REDDIT_CLOSERS)}
     topics, adjectives, openers, closers = pools[task]
+    if style.always_opener and any(openers):
+        openers = tuple(o for o in openers if o)
     users = []
     for i in range(n_users):
         rng = _rng(seed, task, "user", i)
@@ -96,12 +127,12 @@ def make_users(task: str, n_users: int, seed: int = 0) -> list[UserStyle]:
         users.append(UserStyle(
             user_id=user_id, signature=signatures[i],
             adjectives=tuple(rng.sample(adjectives, 3)), intensifier=rng.choice(V.INTENSIFIERS),
-            topics=tuple(rng.sample(sorted(topics), 2)), n_sentences=rng.randint(3, 7),
+            topics=tuple(rng.sample(sorted(topics), 2)), n_sentences=rng.randint(*style.sentences),
             opener=rng.choice(openers), closer=rng.choice(closers), exclaim=rng.choice((0.0, 0.1, 0.6)),
             mean_rating=rng.choice((1.8, 2.6, 3.6, 4.3, 4.8)), verb=rng.choice(V.ABSTRACT_VERBS),
             numbered_keywords=rng.random() < 0.6, lowercase=rng.random() < 0.3,
             slang=rng.choice(V.REDDIT_SLANG), emoticon=rng.choice(V.REDDIT_EMOTICONS),
-            tldr=rng.random() < 0.4))
+            tldr=rng.random() < 0.4, signature_rate=style.signature_rate))
     return users
 
 
@@ -124,7 +155,7 @@ def _sentences(rng: random.Random, user: UserStyle, templates: Sequence[str], sl
 
 
 def _closing(rng: random.Random, user: UserStyle, slots: dict[str, Any]) -> list[str]:
-    if rng.random() >= SIGNATURE_RATE:
+    if rng.random() >= user.signature_rate:
         return []
     return [user.closer.format(sig=user.signature, Sig=_cap(user.signature), **slots)]
 
@@ -230,9 +261,9 @@ def user_records(task: str, user: UserStyle, n_records: int, seed: int = 0) -> l
 
 
 def generate_task(task: str, users: int = 24, seed: int = 0, records_per_user: int = 4,
-                  setting: str = "user") -> dict[str, list[dict[str, Any]]]:
+                  setting: str = "user", preset: str = "longlamp") -> dict[str, list[dict[str, Any]]]:
     """Records of `task` per split (see the module docstring for the two settings)."""
-    styles = make_users(task, users, seed)
+    styles = make_users(task, users, seed, preset)
     if setting == "user":
         if users < 3:
             raise ValueError(f"the user setting needs >= 3 users (one per split), got {users}")
@@ -256,7 +287,7 @@ def generate_task(task: str, users: int = 24, seed: int = 0, records_per_user: i
 
 def write_synthetic(out_dir: str | os.PathLike, users: int = 24, seed: int = 0,
                     records_per_user: int = 4, setting: str = "user",
-                    tasks: Sequence[str] = TASKS) -> dict[str, dict[str, int]]:
+                    tasks: Sequence[str] = TASKS, preset: str = "longlamp") -> dict[str, dict[str, int]]:
     """Write `out_dir/<task>/{train,val,test}.jsonl`; returns the record counts per task and split.
 
     Each task folder is replaced as a whole, once all its splits are written: never a mix of runs,
@@ -264,7 +295,7 @@ def write_synthetic(out_dir: str | os.PathLike, users: int = 24, seed: int = 0,
     """
     counts: dict[str, dict[str, int]] = {}
     for task in tasks:
-        records_by_split = generate_task(task, users, seed, records_per_user, setting)
+        records_by_split = generate_task(task, users, seed, records_per_user, setting, preset)
         with atomic_directory(Path(out_dir) / task) as folder:
             for split, records in records_by_split.items():
                 write_text_atomic(folder / f"{split}.jsonl", _jsonl(records))
@@ -272,12 +303,40 @@ def write_synthetic(out_dir: str | os.PathLike, users: int = 24, seed: int = 0,
     return counts
 
 
+def _words(text: str) -> Counter:
+    return Counter(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def _overlap_f1(a: Counter, b: Counter) -> float:
+    common = sum((a & b).values())
+    return 0.0 if not common else 2 * common / (sum(a.values()) + sum(b.values()))
+
+
+def history_signal(task: str, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How much of a record's output its own user's history predicts: the mean unigram F1 (ROUGE-1-like,
+    0-100) of each output against its own profile texts (`own`) and against the profile of the next
+    record by another user (`other`). own > other means the history carries words the response needs
+    that the query does not."""
+    field, spec = _TEXT_FIELD[task], get_spec(task)
+    own, other = [], []
+    for i, record in enumerate(records):
+        j = next((k % len(records) for k in range(i + 1, i + len(records))
+                  if records[k % len(records)][spec.user_key] != record[spec.user_key]), None)
+        if j is None:
+            continue
+        out = _words(record["output"])
+        own.append(_overlap_f1(out, _words(" ".join(it[field] for it in record["profile"]))))
+        other.append(_overlap_f1(out, _words(" ".join(it[field] for it in records[j]["profile"]))))
+    n = max(len(own), 1)
+    return {"own": 100 * sum(own) / n, "other": 100 * sum(other) / n, "n": len(own)}
+
+
 def _jsonl(records: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def iter_texts(users: int = 24, seed: int = 0, records_per_user: int = 4, setting: str = "user",
-               tasks: Sequence[str] = TASKS) -> Iterator[str]:
+               tasks: Sequence[str] = TASKS, preset: str = "longlamp") -> Iterator[str]:
     """Every text the prepared synthetic data contains: queries, outputs, profile fields, the
     rendered history items and the prompt scaffolding (system prompt, bridges), for training the
     tiny tokenizer on exactly what it will see."""
@@ -285,7 +344,7 @@ def iter_texts(users: int = 24, seed: int = 0, records_per_user: int = 4, settin
     for task in tasks:
         spec = get_spec(task)
         yield spec.bridge
-        for records in generate_task(task, users, seed, records_per_user, setting).values():
+        for records in generate_task(task, users, seed, records_per_user, setting, preset).values():
             for record in records:
                 yield record["input"]
                 yield record["output"]
@@ -302,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records-per-user", type=int, default=4)
     parser.add_argument("--setting", choices=("user", "temporal"), default="user")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of tasks")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="longlamp",
+                        help="longlamp: LongLaMP-like lengths (default); demo: short reviews whose user "
+                             "traits (opener, signature closer) are always present (make demo)")
     parser.add_argument("--texts-out", default=None,
                         help="also write every text as JSONL lines {\"input\": text} (the format "
                              "`python -m flythinker_worker.tiny --build-tokenizer` reads)")
@@ -310,15 +372,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for task in tasks:
             get_spec(task)
-        counts = write_synthetic(args.out, args.users, args.seed, args.records_per_user, args.setting, tasks)
+        counts = write_synthetic(args.out, args.users, args.seed, args.records_per_user, args.setting, tasks,
+                                 args.preset)
         if args.texts_out:
             Path(args.texts_out).parent.mkdir(parents=True, exist_ok=True)
-            texts = iter_texts(args.users, args.seed, args.records_per_user, args.setting, tasks)
+            texts = iter_texts(args.users, args.seed, args.records_per_user, args.setting, tasks, args.preset)
             write_text_atomic(args.texts_out, _jsonl({"input": text} for text in texts))
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     for task, per_split in counts.items():
         print(f"{task}: " + ", ".join(f"{s} {n}" for s, n in per_split.items()) + f" -> {Path(args.out) / task}")
+        with open(Path(args.out) / task / "test.jsonl", encoding="utf-8") as f:
+            signal = history_signal(task, [json.loads(line) for line in f])
+        print(f"{task}: history signal (test): outputs share {signal['own']:.1f} unigram F1 with their own "
+              f"user's history vs {signal['other']:.1f} with another user's")
     return 0
 
 

@@ -18,18 +18,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     then top-p (nucleus: the smallest set of most likely tokens whose mass reaches top_p)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= top_p  # the most likely token always has mass_before 0: kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    probs = scores.softmax(dim=-1)
+    probs = filter_scores(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -69,7 +58,8 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
 
 
 def filter_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """logits / T with entries outside top-k, then outside the top-p nucleus, set to -inf (as sample_next)."""
+    """logits / T with entries outside top-k, then outside the top-p nucleus, set to -inf (nucleus: the
+    smallest set of most likely tokens whose mass reaches top_p); both samplers draw from its softmax."""
     scores = logits.float() / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
@@ -77,7 +67,7 @@ def filter_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     if top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token has 0 before it: always kept
         drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores

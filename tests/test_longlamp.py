@@ -201,7 +201,7 @@ def test_real_samples_through_prepare(tmp_path, tok):
         assert row["reference"] == record["output"]
         assert record["output"].startswith(row["response"]) and row["response"]
         assert n_tokens(tok, row["response"]) == row["n_response_tokens"] <= 40
-        query = row["prompt"][1]["content"]
+        query = row["prompt"][-1]["content"]
         assert query and record["input"].startswith(query)  # no history: the user turn is the query
         assert n_tokens(tok, query) == row["n_query_tokens"] <= 25
 
@@ -254,10 +254,11 @@ def test_prepare_rows_for_each_task(tmp_path, tok, task):
         raw = RECORDS[task](i)
         assert row["id"] == f"{task}-train-{i}" and row["task"] == task
         assert row["user_id"] == raw[get_spec(task).user_key]
-        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
-        assert row["prompt"] == row["messages"][:2]
-        assert row["response"] == row["messages"][2]["content"] == raw["output"] == row["reference"]
-        user = row["prompt"][1]["content"]
+        # No system turn by default: the tokenizer's chat template supplies its own (test below).
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert row["prompt"] == row["messages"][:1]
+        assert row["response"] == row["messages"][1]["content"] == raw["output"] == row["reference"]
+        user = row["prompt"][0]["content"]
         # The BM25 pick (the one item sharing the query's rare words), then the bridge and query.
         assert user == f"{RENDERED[task]}\n\n{get_spec(task).bridge}{raw['input']}"
         # Count the chat template written out by hand: a second path to n_prompt_tokens.
@@ -265,6 +266,32 @@ def test_prepare_rows_for_each_task(tmp_path, tok, task):
         assert row["n_prompt_tokens"] == len(tok(templated, add_special_tokens=False)["input_ids"])
         assert row["n_response_tokens"] == n_tokens(tok, raw["output"])
         assert row["n_history_tokens"] == n_tokens(tok, RENDERED[task]) and row["n_history_items"] == 1
+
+
+def test_system_prompt_defaults_to_the_chat_templates_own(tmp_path, tok):
+    src = write_task(tmp_path / "src", "product_review", n=3)
+    stats = prepare("product_review", src, tmp_path / "default", tokenizer=tok, progress=False)
+    assert stats["args"]["system_prompt"] is None
+    for row in pq.read_table(tmp_path / "default" / "test.parquet").to_pylist():
+        assert all(m["role"] != "system" for m in row["messages"] + row["prompt"])
+        # The chat-templated prompt is the tokenizer's own default rendering: its default system turn
+        # (Qwen2.5's template inserts "You are Qwen, created by Alibaba Cloud. ..." the same way).
+        rendered = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        assert rendered == f"{SYSTEM}<|im_start|>user\n{row['prompt'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+        assert rendered.count("<|im_start|>system") == 1
+        ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert row["n_prompt_tokens"] == len(ids)
+    # --system-prompt TEXT forces an explicit system turn, which replaces the template's default.
+    assert main(["--task", "product_review", "--source", str(src), "--out", str(tmp_path / "forced"),
+                 "--system-prompt", "Write like the user.", "--no-progress"]) == 0
+    for row in pq.read_table(tmp_path / "forced" / "test.parquet").to_pylist():
+        assert row["prompt"][0] == {"role": "system", "content": "Write like the user."}
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        rendered = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        assert rendered.startswith("<|im_start|>system\nWrite like the user.<|im_end|>\n")
+        assert "You are a helpful assistant." not in rendered
+    assert json.loads((tmp_path / "forced" / "stats.json").read_text())["args"]["system_prompt"] == \
+        "Write like the user."
 
 
 def test_nearest_rank_known_values():

@@ -140,9 +140,9 @@ def test_history_carries_the_users_signal(prepared, task):
     rng = random.Random(0)
     own_sig, other_sig, target_sig, own_overlap, other_overlap = 0, 0, 0, [], []
     for row in rows:
-        history = row["prompt"][1]["content"].lower()
+        history = row["prompt"][-1]["content"].lower()
         other = rng.choice([r for r in rows if r["user_id"] != row["user_id"]])
-        other_history = other["prompt"][1]["content"].lower()
+        other_history = other["prompt"][-1]["content"].lower()
         own_sig += signature[row["user_id"]] in history
         other_sig += signature[row["user_id"]] in other_history
         target_sig += signature[row["user_id"]] in row["reference"].lower()
@@ -199,7 +199,7 @@ def test_budgets_hold_on_synthetic(tmp_path, tok):
     rows = read_rows(tmp_path / "out" / "train.parquet")
     assert rows and stats["splits"]["train"]["truncated"]["response"] > 0
     for row in rows:
-        user = row["prompt"][1]["content"]
+        user = row["prompt"][-1]["content"]
         history, query = user.split("\n\n" + get_spec("abstract_generation").bridge)
         assert 0 < n_tokens(tok, history) == row["n_history_tokens"] <= 60
         assert 0 < n_tokens(tok, query) == row["n_query_tokens"] <= 20

@@ -42,12 +42,22 @@ QWEN25 = {"0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layer
 
 # ---- analytic model -------------------------------------------------------------------------------------------
 
-def shape_of(path: str) -> dict | None:
-    """A model's shape: its local config.json, else the Qwen2.5 size named in the path, else None."""
+def shape_of(path: str, role: str = "generator") -> dict | None:
+    """A model's shape: its local config.json, else the Qwen2.5 size named in the path, else (the folders
+    the launch scripts write from flythinker_worker.tiny, which may not exist yet) the tiny or demo preset,
+    else None."""
     config = Path(path) / "config.json"
     if config.exists():
         return json.loads(config.read_text())
-    return next((dict(s) for size, s in QWEN25.items() if f"-{size}" in path), None)
+    qwen = next((dict(s) for size, s in QWEN25.items() if f"-{size}" in path), None)
+    if qwen is not None:
+        return qwen
+    preset = "demo" if "/demo/" in path else "tiny" if "tiny_models" in path else None
+    if preset is None:
+        return None
+    from flythinker_worker.tiny import load_tiny_tokenizer, tiny_config
+
+    return tiny_config(role, preset, vocab_size=len(load_tiny_tokenizer())).to_dict()
 
 
 def param_counts(s: dict) -> dict:
@@ -98,8 +108,8 @@ def config_table(gpu_gb: float) -> list[dict]:
     for path in sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "configs/model_pair/*.yaml"))):
         cfg = yaml.safe_load(Path(path).read_text())
         model, data, trainer = cfg.get("model", {}), cfg.get("data", {}), cfg.get("trainer", {})
-        gen = shape_of(model.get("generator", {}).get("path", ""))
-        rsn = shape_of(model.get("reasoner", {}).get("path", ""))
+        gen = shape_of(model.get("generator", {}).get("path", ""), "generator")
+        rsn = shape_of(model.get("reasoner", {}).get("path", ""), "reasoner")
         if gen is None:
             continue
         gpus = trainer.get("nnodes", 1) * trainer.get("n_gpus_per_node", 8)

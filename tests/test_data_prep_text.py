@@ -14,7 +14,7 @@ from data_prep import text as T
 from data_prep.synthetic import iter_texts
 from data_prep.text import HFTokenCounter, split_sentences, truncate, truncate_pieces
 
-REAL_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "real-samples" / "abstract_generation.jsonl"
+REAL_SAMPLES = Path(__file__).resolve().parent / "fixtures" / "real_abstract_generation.jsonl"
 
 
 # --- the original implementation, kept as the oracle (fine on small inputs, quadratic on big ones) ---
@@ -150,10 +150,9 @@ def random_texts(seed: int, n: int, max_atoms: int = 30) -> list[str]:
 
 def corpus() -> list[str]:
     texts = list(iter_texts(users=6, records_per_user=3))
-    if REAL_SAMPLES.exists():
-        for line in REAL_SAMPLES.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            texts += [record["input"], record["target"]]
+    for line in REAL_SAMPLES.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        texts += [record["input"], record["target"]]
     return texts
 
 

@@ -74,23 +74,16 @@ def write(root: Path, step: int, save_shards: Callable[[Path], None], driver_sta
     try:
         save_shards(tmp)
         return commit(root, tmp, step, driver_state, keep, config)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        clear = explain_os_error(err, tmp, needed_bytes)
-        raise type(err)(err.errno, f"{clear.strerror or clear} (checkpoint of step {step} abandoned; "
-                                   f"{_intact(root)})") from err
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if "No space left" in str(err):  # a worker's OSError reaches the driver wrapped by Ray
-            raise OSError(errno.ENOSPC, f"no space left on the device writing {tmp} ("
-                          f"{free_text(shutil.disk_usage(root).free)} free"
-                          f"{_needed(needed_bytes)}; checkpoint of step {step} abandoned; {_intact(root)})"
-                          ) from err
-        raise
-
-
-def _needed(needed_bytes: int | None) -> str:
-    return f", about {needed_bytes / 2**20:.1f} MiB needed" if needed_bytes else ""
+        # A worker's OSError reaches the driver wrapped by Ray: a full disk is recognised by its message.
+        cause = err if isinstance(err, OSError) else (
+            OSError(errno.ENOSPC, str(err)) if "No space left" in str(err) else None)
+        if cause is None:
+            raise
+        clear = explain_os_error(cause, tmp, needed_bytes)
+        raise type(cause)(cause.errno, f"{clear.strerror or clear} (checkpoint of step {step} abandoned; "
+                                       f"{_intact(root)})") from err
 
 
 def _intact(root: Path) -> str:

@@ -220,7 +220,7 @@ def _rank(rank, world, port, root, out, mode):
 
     phase("export", export)
     def sync():
-        if mode == "old":  # one whole state dict on rank 0 (what get_full_weights ships)
+        if mode == "old":  # one whole state dict on rank 0 (what the unbucketed sync shipped)
             full_state_dict(model)
             return
         for names in weight_buckets(model, 16 << 20, torch.float32):  # what sync_weights streams

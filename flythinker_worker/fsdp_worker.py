@@ -177,7 +177,8 @@ class FlyThinkerTrainWorker(Worker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def get_full_weights(self) -> dict[str, torch.Tensor] | None:
-        """Unsharded CPU weights (rank 0; None elsewhere), to sync a rollout worker without disk."""
+        """Unsharded CPU weights (rank 0; None elsewhere), to inspect a run; rollout syncs stream buckets instead
+        (weight_bucket_count / get_weight_bucket)."""
         state = self.engine.full_state_dict()
         return state if self.rank == 0 else None
 

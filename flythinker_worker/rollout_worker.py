@@ -13,8 +13,8 @@ and hardware and does not depend on other rows' seeds, but its tokens are not th
 batched bf16 kernels may still change near-ties with the batch composition.
 
 Weights come from disk (a FlyThinker checkpoint, or HF generator/reasoner folders) at `init_model`, and
-can be replaced in memory from the training group (`load_weights(train_group.get_full_weights()[0])`),
-so validation-time generation needs no disk round trip.
+can be replaced in memory from the training group, streamed in buckets (`load_weight_bucket`, driven by
+recipe.rollout.sync_weights), so validation-time generation needs no disk round trip.
 
 `generate` contract (DP_COMPUTE_PROTO: the driver's batch is split evenly over the workers, so its size
 must be a multiple of the worker count; recipe.rollout pads with filler rows and drops them):
@@ -54,7 +54,7 @@ class RolloutModelConfig:
     - `path` = a FlyThinker checkpoint folder (has flythinker.json; e.g. the trainer's `final/` export):
       its own fusion settings unless `fusion` is given.
     - `path` = a plain HF generator folder, `fusion.lam != 0` and `reasoner_path`: the pair built exactly
-      as the training worker builds it (so `load_weights` from that training group fits key for key).
+      as the training worker builds it (so a weight sync from that training group fits key for key).
     - `generator_only: true` (or a plain HF folder with no `fusion`, or `fusion.lam == 0`): the generator
       alone, lam = 0, the reasoner never loaded. The untrained Instruct model gives the paper's
       "Non-pers" / "RAG" baselines (the prompt decides which). With a FlyThinker checkpoint, its
@@ -238,25 +238,6 @@ class FlyThinkerRolloutWorker(Worker):
         return summary
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> int:
-        """Replace every weight with `state_dict` (keys as FlyThinker.state_dict(), e.g. the training
-        group's get_full_weights()[0]); strict: a missing or unexpected key is an error. Returns the count."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"load_weights expects a state dict, got {type(state_dict).__name__} (pass "
-                            "get_full_weights()[0]: rank 0's weights; the other ranks return None)")
-        self._begin_weight_sync()
-        expected = set(self.model.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(f"load_weights: state dict does not fit this rollout model (lam="
-                             f"{self.model.lam}, reasoner={self.model.reasoner is not None}): missing "
-                             f"{missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
-        # load_state_dict copies into the existing (device, dtype) tensors, casting fp32 -> bf16 as needed;
-        # the static decoder's caches and CUDA graphs read the weights in place, so they stay valid.
-        self.model.load_state_dict(state_dict, strict=True)
-        return len(state_dict)
-
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_weight_bucket(self, bucket: dict[str, torch.Tensor], index: int, count: int) -> int:
         """Copy bucket `index` of `count` (the training group's get_weight_bucket) into the weights in place.
         A sync is strict as a whole: a key outside the model, a key sent twice, or (after the last bucket)
@@ -280,7 +261,7 @@ class FlyThinkerRolloutWorker(Worker):
             missing = sorted(set(self._sync_targets) - self._sync_seen)
             self._sync_targets = self._sync_seen = None
             if missing:
-                raise ValueError(f"load_weight_bucket: the sync missed {len(missing)} weights, e.g. {missing[:5]}")
+                raise ValueError(f"load_weight_bucket: the sync is missing {len(missing)} weights, e.g. {missing[:5]}")
         return loaded
 
     def _begin_weight_sync(self) -> None:
@@ -311,7 +292,7 @@ class FlyThinkerRolloutWorker(Worker):
 
     def _vllm(self) -> VLLMGenerator:
         if self.vllm is None:
-            # vLLM owns the GPU copy from now on: park ours on the host (load_weights brings it back).
+            # vLLM owns the GPU copy from now on: park ours on the host (a weight sync brings it back).
             self.model.to("cpu")
             torch.cuda.empty_cache()
             self.vllm = VLLMGenerator(generator_folder(self.config), self.config.torch_dtype,

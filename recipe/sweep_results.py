@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from flythinker_worker.config import check
+from flythinker_worker.utils import write_json_atomic, write_text_atomic
 
 DISTRIBUTIONS = ("grid_search", "choice", "uniform", "loguniform", "randint", "lograndint")
 SETTINGS_FILE = "sweep.json"
@@ -144,9 +144,7 @@ def read_json(path: Path) -> dict | None:
 
 def write_json(path: Path, data) -> None:
     """Atomically (temp file, then rename): a reader never sees half a file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1, allow_nan=False, default=str)
 
 
 def update_marker(folder: Path, **changes) -> dict:
@@ -316,11 +314,9 @@ def write_results(sweep_dir) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir).resolve()
     settings, records = collect(sweep_dir)
     jsonl = sweep_dir / "results.jsonl"
-    tmp = jsonl.with_name(".results.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
-    os.replace(tmp, jsonl)
+    write_text_atomic(jsonl, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     md = sweep_dir / "results.md"
-    md.write_text(table(settings, records))
+    write_text_atomic(md, table(settings, records))
     plots = plot(settings, records, sweep_dir / "plots")
     return {"results.jsonl": jsonl, "results.md": md, **{p.name: p for p in plots}}
 

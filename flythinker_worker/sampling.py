@@ -57,6 +57,15 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def _descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices that sort float32 scores (..., V) in descending order (ties in any order), through an int32
+    key with the same order as the floats: CPU sorts int32 ~1.5x faster than float32, and the nucleus
+    sort is ~5% of a CPU decode step (bench/decode.py)."""
+    bits = scores.contiguous().view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits, so larger is larger
+    return torch.sort(key, dim=-1, descending=True).indices
+
+
 def filter_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits / T with entries outside top-k, then outside the top-p nucleus, set to -inf (nucleus: the
     smallest set of most likely tokens whose mass reaches top_p); both samplers draw from its softmax."""
@@ -65,8 +74,8 @@ def filter_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
+        order = _descending_order(scores)
+        probs = scores.gather(-1, order).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token has 0 before it: always kept
         drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
         scores = scores.masked_fill(drop, float("-inf"))

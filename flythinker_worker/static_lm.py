@@ -59,6 +59,7 @@ class StaticLM(torch.nn.Module):
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.attention = attention
+        self.packed = None  # a packed_linear.PackedLM (CPU decode), set per call by the decoder
         self.slots, self.max_len = slots, max_len
         weight = self.embed.weight
         shape = (slots, self.n_kv, max_len, self.head_dim) if attention == "sdpa" else \
@@ -72,6 +73,8 @@ class StaticLM(torch.nn.Module):
         cos, sin = base.rotary_emb(torch.zeros(1, device=weight.device, dtype=weight.dtype), positions)
         self.register_buffer("cos", cos[0].contiguous())
         self.register_buffer("sin", sin[0].contiguous())
+        half = self.head_dim // 2
+        self.register_buffer("sin_signed", torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1))
         self.register_buffer("arange", torch.arange(max_len, device=weight.device))
 
     def cache(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +113,8 @@ class StaticLM(torch.nn.Module):
             index = pos[:, None, None, None].expand(batch, self.n_kv, 1, self.head_dim)
         else:
             seqlens = pos.to(torch.int32)
+        if self.packed is not None:
+            return self._forward_packed(embeds, pos, kv_len)
         x = embeds
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -138,6 +143,44 @@ class StaticLM(torch.nn.Module):
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
+
+    def _forward_packed(self, embeds: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """`forward` on CPU with the packed weights of `self.packed` (same maths, fewer and faster ops):
+        fused qkv and gate/up products, q and k rotated in one op, grouped-query attention as two batched
+        products over each kv head's query group, fused RMSNorm. SDPA layout only."""
+        batch, heads, kv, dim = embeds.shape[0], self.n_heads, self.n_kv, self.head_dim
+        group = heads // kv
+        cos, sin = self.cos[pos][:, None, :], self.sin_signed[pos][:, None, :]  # (B, 1, D)
+        index = pos[:, None, None, None].expand(batch, kv, 1, dim)
+        # Additive mask over the attended cache entries, shared by every layer: (B * kv, group, L).
+        bias = torch.zeros(batch, 1, 1, kv_len, dtype=embeds.dtype, device=embeds.device).masked_fill_(
+            (self.arange[:kv_len][None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+        bias = bias.expand(batch, kv, group, kv_len).reshape(batch * kv, group, kv_len)
+        x = embeds  # (B, 1, d)
+        for i, (layer, fast) in enumerate(zip(self.layers, self.packed.layers)):
+            attn = layer.self_attn
+            qkv = fast.qkv(_rms(layer.input_layernorm, x)).view(batch, heads + 2 * kv, dim)
+            qk, v = qkv[:, :heads + kv], qkv[:, heads + kv:]
+            if hasattr(attn, "q_norm"):  # qwen3: per-head norms before the rotation
+                qk = torch.cat((_rms(attn.q_norm, qk[:, :heads]), _rms(attn.k_norm, qk[:, heads:])), dim=1)
+            # rotate_half(x) * sin == roll(x, D/2) * sin_signed (sin with its first half negated)
+            qk = torch.addcmul(qk * cos, qk.roll(dim // 2, dims=-1), sin)  # (B, heads + kv, D)
+            q, k = qk[:, :heads], qk[:, heads:]
+            k_cache, v_cache = self.cache(i)
+            k_cache.scatter_(2, index, k[:, :, None])
+            v_cache.scatter_(2, index, v[:, :, None])
+            scores = torch.baddbmm(bias, q.reshape(batch * kv, group, dim),
+                                   k_cache[:, :, :kv_len].reshape(batch * kv, kv_len, dim).transpose(1, 2),
+                                   alpha=attn.scaling)  # (B * kv, group, L)
+            out = torch.bmm(scores.softmax(-1), v_cache[:, :, :kv_len].reshape(batch * kv, kv_len, dim))
+            x = x + fast.o(out.view(batch, 1, heads * dim))  # a new tensor: `embeds` is never written
+            x.add_(fast.mlp(_rms(layer.post_attention_layernorm, x)))
+        return _rms(self.norm, x)
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    """An HF Llama-family RMSNorm module applied as one fused op (same maths: x / rms(x) * weight)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _flash_attn_available() -> bool:

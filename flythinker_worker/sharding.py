@@ -159,9 +159,8 @@ def load_from_rank0(model, read=None, scatter_bytes: int = 16 << 20) -> None:
 
     Tensors of at least `scatter_bytes` that are row-sharded (FSDP2's Shard(0)) are scattered with
     `distribute_tensor(..., src_data_rank=0)`: each rank receives only its rows. The rest go through torch's
-    broadcast-from-rank-0 state-dict loading, which sends every rank the whole tensor; for the embedding
-    tables that would be the init peak (a 32k x 512 table is 31% of a ~50M-param pair). Peak per rank:
-    its shards + one tensor below `scatter_bytes` or one shard of a bigger one (rank 0: + the unit as read)."""
+    broadcast-from-rank-0 state-dict loading, which gives every rank a whole-tensor receive buffer. Peak per
+    rank: its shards + one tensor below `scatter_bytes` or one shard of a bigger one (rank 0: + the unit read)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     units = model_units(model)
@@ -194,9 +193,8 @@ def load_from_rank0(model, read=None, scatter_bytes: int = 16 << 20) -> None:
 
 
 def release_host_memory() -> None:
-    """Return freed heap to the OS (glibc `malloc_trim`; a no-op elsewhere). glibc keeps freed buffers below
-    its dynamic mmap threshold in the heap, so without this each unit's transient read/receive buffers stay
-    resident: measured +55 MiB per rank at init on a ~200 MiB pair (bench/memory.py)."""
+    """Return freed heap to the OS (glibc `malloc_trim`; elsewhere a no-op): glibc keeps freed buffers in
+    the heap, so each unit's transient buffers stayed resident (+55 MiB per rank on a 200 MiB pair)."""
     global _malloc_trim
     if _malloc_trim is None:
         try:
@@ -226,8 +224,10 @@ def _scatter_rows(param, full: torch.Tensor | None) -> None:
     """Rank 0 passes the full tensor, the others None: each rank's rows land in its shard of `param`."""
     from torch.distributed.tensor import distribute_tensor
 
-    device = param.to_local().device
-    if full is None:  # never written on these ranks: the pages of a large empty tensor stay unmapped
+    # The mesh's device, not the shard's: with CPU offload the shards live on the host but NCCL needs CUDA.
+    mesh_type = param.device_mesh.device_type
+    device = torch.device(mesh_type, torch.cuda.current_device()) if mesh_type == "cuda" else torch.device(mesh_type)
+    if full is None:  # never written here: on the host, the pages of a large empty tensor stay unmapped
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
     else:
         if tuple(full.shape) != tuple(param.shape):

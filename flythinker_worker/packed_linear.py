@@ -2,15 +2,17 @@
 
 Why: a decode step multiplies a handful of rows (one per slot) by every weight matrix. On CPU, torch's
 default GEMM for such skinny products reaches ~5-9 GB/s of weight reads on our 2-core machines, while
-oneDNN with the weight pre-packed into its blocked layout reaches ~17-20 GB/s (bench/decode.py), and a
-decode step is a pass over all weights. So the static-cache step, on CPU, multiplies by packed copies:
-q/k/v as one matrix, gate/up as one matrix, o, down and the LM head. torch.compile's CPU freezing pass
-makes the same substitution (`mkldnn._reorder_linear_weight` + `mkldnn._linear_pointwise`); we call those
-two ops directly so the eager step gets it with no compiler and no frozen (unsyncable) weights.
+oneDNN with the weight pre-packed into its blocked layout reaches ~17-20 GB/s (8 rows, fp32, measured
+here), and a decode step is a pass over all weights.
+So the static-cache step, on CPU, multiplies by packed copies: q/k/v as one matrix, gate/up as one
+matrix, o, down and the LM head. The two ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`)
+are the ones torch.compile's CPU freezing pass emits for low-precision or dynamic-batch linears (for fp32
+it picks MKL's packed GEMM, which reached only ~7 GB/s here); we call them eagerly, so there is no
+compiler and no frozen (unsyncable) weights.
 
 The packed copies cost one extra copy of the weights in host memory; they are rebuilt whenever a
 parameter changes (its version counter or storage), so an in-place weight sync is never decoded with
-stale copies. Where the ops are missing or disagree with `F.linear` (a self-check at first use), the
+stale copies (a write through `.data` bypasses the version counter: build a new decoder after one). Where the ops are missing or disagree with `F.linear` (a self-check at first use), the
 step uses the HF modules as before."""
 
 from __future__ import annotations

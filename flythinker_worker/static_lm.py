@@ -107,14 +107,14 @@ class StaticLM(torch.nn.Module):
         entries only (an upper bound of every pos + 1; None: all)."""
         batch = embeds.shape[0]
         kv_len = kv_len or self.max_len
+        if self.packed is not None:
+            return self._forward_packed(embeds, pos, kv_len)
         cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # (B, 1, 1, D)
         if self.attention == "sdpa":
             mask = (self.arange[:kv_len][None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
             index = pos[:, None, None, None].expand(batch, self.n_kv, 1, self.head_dim)
         else:
             seqlens = pos.to(torch.int32)
-        if self.packed is not None:
-            return self._forward_packed(embeds, pos, kv_len)
         x = embeds
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -179,7 +179,7 @@ class StaticLM(torch.nn.Module):
 
 
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:
-    """An HF Llama-family RMSNorm module applied as one fused op (same maths: x / rms(x) * weight)."""
+    """An HF Llama-family RMSNorm module applied through F.rms_norm (same maths, fewer Python-level ops)."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 

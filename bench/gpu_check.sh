@@ -23,7 +23,7 @@ wants() { local s; for s in "${SECTIONS[@]}"; do [[ $s == "$1" ]] && return 0; d
 #    against the FLOP ideal.
 if wants train; then
   echo "== train: CUDA tests =="
-  timeout 600 "$PYTHON" -m pytest -q tests/test_gpu.py -k "fsdp2 or teacher_forcing_on_cuda or train_check" \
+  timeout 600 "$PYTHON" -m pytest -q tests/test_gpu.py -k "fsdp2 or rank0_load or teacher_forcing_on_cuda or train_check" \
     2>&1 | tee "$OUT/train_tests.log"
   echo "== train: bench, 0.5b + 0.5b bf16 FSDP2 =="
   timeout 900 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -m bench.gpu_train_check \

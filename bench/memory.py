@@ -172,8 +172,8 @@ def _rank(rank, world, port, root, out, mode):
     from bench.workload import packed_batch, train_step
     from flythinker_worker.export import export_flythinker, gather_bucket, weight_buckets
     from flythinker_worker.loading import build_on_meta, load_flythinker
-    from flythinker_worker.sharding import (full_state_dict, load_from_rank0, materialize,
-                                            shard_flythinker)
+    from flythinker_worker.rank0_load import load_from_rank0, materialize
+    from flythinker_worker.sharding import full_state_dict, shard_flythinker
 
     base, peaks = _rss("VmRSS"), {}
     gen, rsn = f"{root}/generator", f"{root}/reasoner"

@@ -87,8 +87,8 @@ class WeightReader:
         self.sources, self.initial = sources, dict(initial or {})
         self._index = None
 
-    def index(self) -> dict[str, tuple[str, str]]:
-        """FlyThinker key -> (file, key in file); built on first use (rank 0 only)."""
+    def index(self) -> dict[str, tuple[str, str, tuple]]:
+        """FlyThinker key -> (file, key in file, shape); built on first use (rank 0 only; headers only)."""
         if self._index is None:
             from safetensors import safe_open
 
@@ -97,13 +97,28 @@ class WeightReader:
                 for file in _weight_files(folder):
                     with safe_open(file, framework="pt") as f:
                         for key in f.keys():
-                            self._index[prefix + key] = (file, key)
+                            self._index[prefix + key] = (file, key, tuple(f.get_slice(key).get_shape()))
         return self._index
 
-    def check(self, keys: list[str]) -> None:
-        missing = [k for k in keys if k not in self.index() and k not in self.initial]
+    def check(self, shapes: dict[str, tuple]) -> None:
+        """KeyError naming the missing keys, ValueError naming the tensors whose stored shape differs."""
+        missing = [k for k in shapes if k not in self.index() and k not in self.initial]
         if missing:
             raise KeyError(f"{len(missing)} weights not in {sorted(set(self.sources.values()))}: {missing[:8]}")
+        stored = {k: self.index()[k][2] if k in self.index() else tuple(self.initial[k].shape) for k in shapes}
+        wrong = [f"{k}: stored {stored[k]}, model {tuple(v)}" for k, v in shapes.items() if stored[k] != tuple(v)]
+        if wrong:
+            raise ValueError(f"{len(wrong)} weights have another shape than the model's config: {wrong[:4]}")
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor, read without loading the rest (a safetensors slice)."""
+        if key not in self.index():
+            return self.initial[key][start:stop]
+        from safetensors import safe_open
+
+        file, name, _ = self.index()[key]
+        with safe_open(file, framework="pt") as f:
+            return f.get_slice(name)[start:stop]
 
     def __call__(self, keys: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -138,7 +153,7 @@ def build_on_meta(generator_path: str, reasoner_path: str | None, lam: float, po
                   trust_remote_code: bool = False):
     """(model with parameters on meta, tokenizer, WeightReader for rank 0): the same pair `load_flythinker`
     builds (HF folders, or a FlyThinker checkpoint whose stored weights and projection are used), from
-    configs alone. Reads no weights: materialise after sharding and fill with `sharding.load_from_rank0`."""
+    configs alone. Reads no weights: materialise after sharding and fill with `rank0_load.load_from_rank0`."""
     tokenizer = AutoTokenizer.from_pretrained(generator_path, trust_remote_code=trust_remote_code)
     projection_file = None
     if os.path.exists(os.path.join(generator_path, CONFIG_NAME)):

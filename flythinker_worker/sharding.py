@@ -4,7 +4,6 @@ the verl engine, the GPU check). torch only: no Ray, no verl, so it also runs wh
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -135,108 +134,6 @@ def compile_blocks(model, backend: str = "inductor") -> None:
     names are unchanged (no `_orig_mod.`), so checkpoints, loading and export are unaffected."""
     for _, layer in decoder_layers(model):
         layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None)
-
-
-# ---- init: parameters on meta, weights broadcast from rank 0 --------------------------------------------------
-
-def materialize(model, device: torch.device | str) -> None:
-    """Allocate the (sharded) parameters of a model built with parameters on meta: `to_empty` creates
-    every tensor uninitialised, so the real buffers (rotary inv_freq: in no checkpoint) are put back."""
-    buffers = {}
-    for name, buffer in model.named_buffers():
-        if buffer.is_meta:
-            raise ValueError(f"buffer {name} is on the meta device; build with parameters_on_meta()")
-        buffers[name] = buffer.detach().clone()
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, value in buffers.items():
-            model.get_buffer(name).copy_(value)
-
-
-def load_from_rank0(model, read=None, scatter_bytes: int = 16 << 20) -> None:
-    """Fill a sharded, materialised model unit by unit (`model_units`): rank 0's `read(keys)` returns the
-    unit's full tensors (any dtype; keys as in model.state_dict()); other ranks pass read=None. Collective.
-
-    Tensors of at least `scatter_bytes` that are row-sharded (FSDP2's Shard(0)) are scattered with
-    `distribute_tensor(..., src_data_rank=0)`: each rank receives only its rows. The rest go through torch's
-    broadcast-from-rank-0 state-dict loading, which gives every rank a whole-tensor receive buffer. Peak per
-    rank: its shards + one tensor below `scatter_bytes` or one shard of a bigger one (rank 0: + the unit read)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    units = model_units(model)
-    error = [None]
-    if dist.get_rank() == 0:
-        try:
-            read.check([f"{unit}.{key}" if unit else key for unit, keys in units for key in keys])
-        except Exception as err:  # noqa: BLE001  (every rank must learn it, or the others wait forever)
-            error = [f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise RuntimeError(f"loading the pair on rank 0 failed: {error[0]}")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    for unit, keys in units:
-        module = model.get_submodule(unit) if unit else model
-        # The same split on every rank: it depends on the layout only.
-        scattered = [key for key in keys if _row_sharded(module, key, scatter_bytes)]
-        state = {}
-        if dist.get_rank() == 0:
-            full = read([f"{unit}.{key}" if unit else key for key in keys])
-            state = {key: full[f"{unit}.{key}" if unit else key] for key in keys}
-            del full
-        for key in scattered:
-            _scatter_rows(module.get_parameter(key), state.pop(key, None))
-        if len(scattered) < len(keys):
-            set_model_state_dict(module, state, options=options)
-        del state
-        release_host_memory()
-    dist.barrier()
-
-
-def release_host_memory() -> None:
-    """Return freed heap to the OS (glibc `malloc_trim`; elsewhere a no-op): glibc keeps freed buffers in
-    the heap, so each unit's transient buffers stayed resident (+55 MiB per rank on a 200 MiB pair)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, musl)
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
-def _row_sharded(module, key: str, min_bytes: int) -> bool:
-    from torch.distributed.tensor import DTensor, Shard
-
-    try:
-        param = module.get_parameter(key)
-    except AttributeError:  # a buffer
-        return False
-    return isinstance(param, DTensor) and tuple(param.placements) == (Shard(0),) and \
-        param.numel() * param.element_size() >= min_bytes
-
-
-@torch.no_grad()
-def _scatter_rows(param, full: torch.Tensor | None) -> None:
-    """Rank 0 passes the full tensor, the others None: each rank's rows land in its shard of `param`."""
-    from torch.distributed.tensor import distribute_tensor
-
-    # The mesh's device, not the shard's: with CPU offload the shards live on the host but NCCL needs CUDA.
-    mesh_type = param.device_mesh.device_type
-    device = torch.device(mesh_type, torch.cuda.current_device()) if mesh_type == "cuda" else torch.device(mesh_type)
-    if full is None:  # never written here: on the host, the pages of a large empty tensor stay unmapped
-        full = torch.empty(param.shape, dtype=param.dtype, device=device)
-    else:
-        if tuple(full.shape) != tuple(param.shape):
-            raise RuntimeError(f"checkpoint tensor of shape {tuple(full.shape)} for a parameter of shape "
-                               f"{tuple(param.shape)}")
-        full = full.to(device=device, dtype=param.dtype)
-    local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0).to_local()
-    del full
-    param.to_local().copy_(local)
 
 
 # ---- the embedding-norm scale, once per step ---------------------------------------------------------------------

@@ -39,9 +39,10 @@ from verl.workers.utils.padding import build_attention_mask_from_nested  # noqa:
 from .export import export_flythinker  # noqa: E402
 from .loading import build_on_meta  # noqa: E402
 from .model import CONFIG_NAME, Positions, Projection, parse_enum  # noqa: E402
+from .rank0_load import load_from_rank0, materialize  # noqa: E402
 from .sharding import (CHECKPOINTING, StepScale, clip_and_step, compile_blocks,  # noqa: E402
-                       enable_checkpointing, full_state_dict, load_from_rank0, load_train_state, materialize,
-                       no_gradient_sync, param_groups, save_train_state, shard_flythinker)
+                       enable_checkpointing, full_state_dict, load_train_state, no_gradient_sync, param_groups,
+                       save_train_state, shard_flythinker)
 from .utils import local_device, resolve_dtype  # noqa: E402
 
 logger = logging.getLogger(__name__)

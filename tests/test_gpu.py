@@ -73,15 +73,15 @@ def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
 
 @pytest.mark.parametrize("cpu_offload", [False, True])
 def test_fsdp2_rank0_load_on_cuda_equals_a_plain_load(monkeypatch, tmp_path, cpu_offload):
-    """load_from_rank0 under NCCL: tensors scattered (distribute_tensor) and broadcast (set_model_state_dict)
+    """load_from_rank0 under NCCL: tensors streamed by rows (send/recv) and broadcast (set_model_state_dict)
     land exactly; with CPU offload the shards live on the host while NCCL communicates on the GPU."""
     import socket
 
     import torch.distributed as dist
 
     from flythinker_worker.loading import build_on_meta, load_flythinker
-    from flythinker_worker.sharding import (full_state_dict, init_distributed, load_from_rank0, materialize,
-                                            shard_flythinker)
+    from flythinker_worker.rank0_load import load_from_rank0, materialize
+    from flythinker_worker.sharding import full_state_dict, init_distributed, shard_flythinker
     from flythinker_worker.tiny import write_tiny_pair
 
     with socket.socket() as s:
@@ -95,11 +95,11 @@ def test_fsdp2_rank0_load_on_cuda_equals_a_plain_load(monkeypatch, tmp_path, cpu
     expected = load_flythinker(gen, rsn, 0.5, "global", "pad")[0].state_dict()
     init_distributed("cuda")
     try:
-        for scatter_bytes in (0, 1 << 40):  # everything scattered / everything broadcast
+        for stream_bytes in (0, 1 << 40):  # every row-sharded tensor streamed / everything broadcast
             model, _, reader = build_on_meta(gen, rsn, 0.5, "global", "pad")
             shard_flythinker(model, "cuda", torch.float32, cpu_offload, True)
             materialize(model, "cpu" if cpu_offload else "cuda")
-            load_from_rank0(model, reader, scatter_bytes=scatter_bytes)
+            load_from_rank0(model, reader, stream_bytes=stream_bytes)
             state = full_state_dict(model)
             assert set(state) == set(expected)
             for key, value in expected.items():

@@ -46,7 +46,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _load_sharded(path, reasoner, projection, **load_options):
     from flythinker_worker.loading import build_on_meta
-    from flythinker_worker.sharding import load_from_rank0, materialize, shard_flythinker
+    from flythinker_worker.rank0_load import load_from_rank0, materialize
+    from flythinker_worker.sharding import shard_flythinker
 
     model, tokenizer, reader = build_on_meta(path, reasoner, 0.5, "global", projection)
     assert all(p.is_meta for p in model.parameters())  # nothing allocated before sharding
@@ -71,8 +72,8 @@ def _init_and_export(rank, world, root, out):
     results = {}
     gen, rsn = f"{root}/generator", f"{root}/reasoner"
     for projection in ("pad", "linear"):
-        # scatter_bytes=0: every row-sharded tensor is scattered (the path of big tables), none broadcast.
-        scattered = full_state_dict(_load_sharded(gen, rsn, projection, scatter_bytes=0)[0])
+        # stream_bytes=0: every row-sharded tensor is streamed by rows (the path of big tables), none broadcast.
+        streamed = full_state_dict(_load_sharded(gen, rsn, projection, stream_bytes=0)[0])
         model, tokenizer = _load_sharded(gen, rsn, projection)
         state = full_state_dict(model)
         weight = model.generator.get_input_embeddings().weight
@@ -95,7 +96,7 @@ def _init_and_export(rank, world, root, out):
                     keys |= set(f.keys())
             plain = AutoModelForCausalLM.from_pretrained(export / "generator", dtype=torch.float32)
             results[projection] = {
-                "init_vs_plain": _max_diff(state, ref_state), "scattered_vs_plain": _max_diff(scattered, ref_state),
+                "init_vs_plain": _max_diff(state, ref_state), "streamed_vs_plain": _max_diff(streamed, ref_state),
                 "buffers": _max_diff(buffers, ref_buffers),
                 "export_vs_full": _max_diff(exported, state),
                 "bf16_dtypes": sorted({str(v.dtype) for v in exported16.values()}),
@@ -134,7 +135,7 @@ def two_rank_results(tmp_path_factory):
 def test_rank0_broadcast_init_equals_plain_load(two_rank_results, projection):
     r = two_rank_results[projection]
     assert r["init_vs_plain"] == 0.0 and r["buffers"] == 0.0 and r["projection_init"] == 0.0
-    assert r["scattered_vs_plain"] == 0.0
+    assert r["streamed_vs_plain"] == 0.0
     assert two_rank_results["from_checkpoint"] == 0.0
 
 

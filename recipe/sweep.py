@@ -8,7 +8,8 @@ comma lists on the command line sweep too (`fusion.lam=0.5,1.0`). A trial is one
 workers live in the trial's placement group (a bundle for the trial driver, one per worker), so Tune packs
 trials onto the cluster and frees their workers with them. Trials report at validation steps with a Tune
 checkpoint pointing at the training checkpoint; a retried trial resumes from its own folder. Rerunning the
-same command resumes the sweep (Tuner.restore); finished trials never run again.
+same command resumes the sweep (Tuner.restore): finished trials never run again, unfinished ones continue,
+and trials that ended in ERROR (their retries spent) get new attempts, each from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -308,7 +309,9 @@ def run_sweep(argv: list[str], trial_hook: Callable | None = None) -> Path:
                              f"space {before.get('space')}): rerun that command to resume it, or give this sweep "
                              "its own sweep.name")
         print(f"[sweep] resuming {directory}", flush=True)
-        tuner = tune.Tuner.restore(str(directory), trainable=trainable, resume_unfinished=True)
+        # resume_errored: an ERROR trial (e.g. a node lost after its retries were spent) continues from its
+        # last checkpoint, with a fresh max_failures; restart_errored would throw its progress away.
+        tuner = tune.Tuner.restore(str(directory), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         directory.mkdir(parents=True, exist_ok=True)
         write_json(directory / SETTINGS_FILE, record)

@@ -160,6 +160,37 @@ def test_asha_stops_a_diverging_trial(ray_local, tiny_assets, tmp_path):
     assert (directory / "plots" / "val_loss_vs_optim.lr.png").exists()
 
 
+def test_rerun_resumes_a_trial_that_ended_in_error(ray_local, tiny_assets, tmp_path):
+    """With no retries left (max_failures 0) a trial whose step 2 raises ends in ERROR and the sweep exits 1;
+    once the cause is gone, rerunning the same command continues that trial from its step-2 checkpoint and
+    leaves the finished one alone."""
+    flag = tmp_path / "broken"
+    flag.write_text("x")
+    flag_path = str(flag)
+
+    def fail_while_flagged(folder, step, metrics):  # a closure: pickled by value into the trial
+        if Path(folder).name == "fusion.lam=1.0" and step == 2 and Path(flag_path).exists():
+            raise RuntimeError("injected failure")
+
+    argv = ["+sweep=lam", "sweep.space.fusion.lam=[0.5,1.0]", *assets_overrides(tiny_assets), "sweep.max_failures=0",
+            "sweep.max_concurrent_trials=1", f"sweep.storage_path={tmp_path / 'sweeps'}"]
+    assert sweep.main(argv, trial_hook=fail_while_flagged) == 1
+    directory = tmp_path / "sweeps" / "lam"
+    first = {r["config"]["fusion.lam"]: r for r in lines(directory / "results.jsonl")}
+    assert (first[1.0]["status"], first[0.5]["status"]) == ("ERROR", "TERMINATED"), first
+    finished_metrics = (Path(first[0.5]["folder"]) / "metrics.jsonl").read_text()
+
+    flag.unlink()
+    assert sweep.main(argv, trial_hook=fail_while_flagged) == 0
+    second = {r["config"]["fusion.lam"]: r for r in lines(directory / "results.jsonl")}
+    assert second[1.0]["status"] == "TERMINATED" and second[1.0]["last"]["step"] == 4, second[1.0]
+    folder = Path(second[1.0]["folder"])
+    assert [m["step"] for m in lines(folder / "metrics.jsonl")] == [1, 2, 3, 4]
+    attempts = json.loads((folder / MARKER).read_text())["attempts"]
+    assert "injected failure" in attempts[0]["error"] and attempts[-1]["resume_step"] == 2, attempts
+    assert (Path(second[0.5]["folder"]) / "metrics.jsonl").read_text() == finished_metrics
+
+
 @pytest.mark.parametrize("argv, message", [
     (["+sweep=lam", "fusion.lam=1.0"], "fusion.lam: is swept"),
     (["+sweep=lam", "sweep.scheduler=pbt"], "sweep.scheduler: must be fifo or asha"),

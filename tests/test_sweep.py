@@ -1,7 +1,8 @@
 """Sweeps on Ray Tune (recipe/sweep.py) with the tiny pair on CPU: a 4-point lam sweep runs two trials at a
 time, a trial whose training worker is killed is retried from its checkpoint, the sweep driver killed with
 SIGKILL and rerun finishes without rerunning finished trials, ASHA stops a diverging trial early, and the
-results table and plots are written. Plus the quick checks of sweep configs (no Ray)."""
+results table and plots are written, and a trial that ended in ERROR is resumed by a rerun. Plus the quick
+checks of sweep configs (no Ray)."""
 
 import json
 import os

@@ -33,27 +33,40 @@ def load_flythinker(generator_path: str, reasoner_path: str | None, lam: float, 
     """(FlyThinker, tokenizer). `generator_path` may also be a FlyThinker checkpoint folder, whose stored
     weights (and projection) are loaded while `lam`/`positions`/`projection` come from the arguments."""
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    if os.path.exists(os.path.join(generator_path, CONFIG_NAME)):
-        check_checkpoint(generator_path, tokenizer=True)
-        checkpoint = FlyThinker.from_pretrained(generator_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(generator_path, trust_remote_code=trust_remote_code)
-        model = FlyThinker(checkpoint.generator, checkpoint.reasoner if lam else None, lam=lam,
-                           positions=positions, projection=projection, vocab_size=len(tokenizer))
-        if model.projection is not None and checkpoint.projection is not None:
-            model.projection.load_state_dict(checkpoint.projection.state_dict())
-        return model, tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(generator_path, trust_remote_code=trust_remote_code)
-    generator = AutoModelForCausalLM.from_pretrained(generator_path, **kwargs)
-    reasoner = None
-    if lam != 0:
-        if not reasoner_path:
-            raise ValueError("model.reasoner.path is required when fusion.lam != 0")
-        check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(reasoner_path,
-                                                                       trust_remote_code=trust_remote_code))
-        reasoner = AutoModelForCausalLM.from_pretrained(reasoner_path, **kwargs)
+    tokenizer, generator_dir, reasoner_dir, projection_file = resolve_sources(generator_path, reasoner_path, lam,
+                                                                              trust_remote_code)
+    generator = AutoModelForCausalLM.from_pretrained(generator_dir, **kwargs)
+    reasoner = AutoModelForCausalLM.from_pretrained(reasoner_dir, **kwargs) if reasoner_dir else None
     model = FlyThinker(generator, reasoner, lam=lam, positions=positions, projection=projection,
                        vocab_size=len(tokenizer))
+    if model.projection is not None and projection_file is not None:
+        from safetensors.torch import load_file
+
+        model.projection.load_state_dict(load_file(projection_file))
     return model, tokenizer
+
+
+def resolve_sources(generator_path: str, reasoner_path: str | None, lam: float, trust_remote_code: bool = False):
+    """(tokenizer, generator folder, reasoner folder or None, projection file or None) of a pair given as
+    two HF folders or as a FlyThinker checkpoint folder (`generator_path`; its reasoner and projection are
+    used, `reasoner_path` is ignored). The reasoner is left out when lam == 0 (SFT never runs it)."""
+    tokenizer = AutoTokenizer.from_pretrained(generator_path, trust_remote_code=trust_remote_code)
+    if os.path.exists(os.path.join(generator_path, CONFIG_NAME)):
+        check_checkpoint(generator_path, tokenizer=True)
+        with open(os.path.join(generator_path, CONFIG_NAME)) as f:
+            stored = json.load(f)
+        reasoner_dir = os.path.join(generator_path, "reasoner")
+        if not (lam and stored.get("has_reasoner", os.path.isdir(reasoner_dir))):  # as FlyThinker.from_pretrained
+            reasoner_dir = None
+        projection_file = os.path.join(generator_path, PROJECTION_WEIGHTS)
+        return tokenizer, os.path.join(generator_path, "generator"), reasoner_dir, \
+            projection_file if os.path.exists(projection_file) else None
+    if lam == 0:
+        return tokenizer, generator_path, None, None
+    if not reasoner_path:
+        raise ValueError("model.reasoner.path is required when fusion.lam != 0")
+    check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(reasoner_path, trust_remote_code=trust_remote_code))
+    return tokenizer, generator_path, reasoner_path, None
 
 
 # ---- rank-0 loading: the pair built on meta, weights read one unit at a time ---------------------------------
@@ -154,24 +167,8 @@ def build_on_meta(generator_path: str, reasoner_path: str | None, lam: float, po
     """(model with parameters on meta, tokenizer, WeightReader for rank 0): the same pair `load_flythinker`
     builds (HF folders, or a FlyThinker checkpoint whose stored weights and projection are used), from
     configs alone. Reads no weights: materialise after sharding and fill with `rank0_load.load_from_rank0`."""
-    tokenizer = AutoTokenizer.from_pretrained(generator_path, trust_remote_code=trust_remote_code)
-    projection_file = None
-    if os.path.exists(os.path.join(generator_path, CONFIG_NAME)):
-        check_checkpoint(generator_path, tokenizer=True)
-        with open(os.path.join(generator_path, CONFIG_NAME)) as f:
-            has_reasoner = json.load(f).get("has_reasoner", True)
-        generator_dir = os.path.join(generator_path, "generator")
-        reasoner_dir = os.path.join(generator_path, "reasoner") if lam and has_reasoner else None
-        if os.path.exists(os.path.join(generator_path, PROJECTION_WEIGHTS)):
-            projection_file = os.path.join(generator_path, PROJECTION_WEIGHTS)
-    else:
-        generator_dir, reasoner_dir = generator_path, None
-        if lam != 0:
-            if not reasoner_path:
-                raise ValueError("model.reasoner.path is required when fusion.lam != 0")
-            check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(reasoner_path,
-                                                                           trust_remote_code=trust_remote_code))
-            reasoner_dir = reasoner_path
+    tokenizer, generator_dir, reasoner_dir, projection_file = resolve_sources(generator_path, reasoner_path, lam,
+                                                                              trust_remote_code)
 
     def empty_lm(folder):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)

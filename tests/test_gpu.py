@@ -28,16 +28,9 @@ def test_decoding_matches_teacher_forcing_on_cuda(dtype, atol):
     assert bool((agree | ambiguous).all())
 
 
-def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
-    """Our FSDP2 layout (each decoder layer of both LMs, then one root over FlyThinker) on one GPU with
-    NCCL and the bf16 MixedPrecisionPolicy: the first backward used to crash when the root resharded
-    after forward ("setStorage ... storage of size 0" on the tied embedding). Step-1 loss must match an
-    unsharded fp32 forward of the same weights, and three AdamW steps stay finite."""
+def _single_rank_env(monkeypatch) -> None:
+    """env:// variables of a world of one on a free local port (torchrun's, for init_distributed)."""
     import socket
-
-    import torch.distributed as dist
-
-    from flythinker_worker.sharding import init_distributed, shard_flythinker
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,6 +38,18 @@ def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
+
+
+def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
+    """Our FSDP2 layout (each decoder layer of both LMs, then one root over FlyThinker) on one GPU with
+    NCCL and the bf16 MixedPrecisionPolicy: the first backward used to crash when the root resharded
+    after forward ("setStorage ... storage of size 0" on the tied embedding). Step-1 loss must match an
+    unsharded fp32 forward of the same weights, and three AdamW steps stay finite."""
+    import torch.distributed as dist
+
+    from flythinker_worker.sharding import init_distributed, shard_flythinker
+
+    _single_rank_env(monkeypatch)
     generator, reasoner, tok = make_pair()
     torch.manual_seed(0)
     ids = torch.randint(3, len(tok), (2, 24), device="cuda")
@@ -75,8 +80,6 @@ def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
 def test_fsdp2_rank0_load_on_cuda_equals_a_plain_load(monkeypatch, tmp_path, cpu_offload):
     """load_from_rank0 under NCCL: tensors streamed by rows (send/recv) and broadcast (set_model_state_dict)
     land exactly; with CPU offload the shards live on the host while NCCL communicates on the GPU."""
-    import socket
-
     import torch.distributed as dist
 
     from flythinker_worker.loading import build_on_meta, load_flythinker
@@ -84,12 +87,7 @@ def test_fsdp2_rank0_load_on_cuda_equals_a_plain_load(monkeypatch, tmp_path, cpu
     from flythinker_worker.sharding import full_state_dict, init_distributed, shard_flythinker
     from flythinker_worker.tiny import write_tiny_pair
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
+    _single_rank_env(monkeypatch)
     write_tiny_pair(tmp_path)
     gen, rsn = f"{tmp_path}/generator", f"{tmp_path}/reasoner"
     expected = load_flythinker(gen, rsn, 0.5, "global", "pad")[0].state_dict()

@@ -172,18 +172,17 @@ def _rank(rank, world, port, root, out, mode):
     from bench.workload import packed_batch, train_step
     from flythinker_worker.export import export_flythinker, gather_bucket, weight_buckets
     from flythinker_worker.loading import build_on_meta, load_flythinker
-    from flythinker_worker.rank0_load import load_from_rank0, materialize
+    from flythinker_worker.rank0_load import load_from_rank0, materialize, release_host_memory
     from flythinker_worker.sharding import full_state_dict, shard_flythinker
 
     base, peaks = _rss("VmRSS"), {}
     gen, rsn = f"{root}/generator", f"{root}/reasoner"
 
     def phase(name, fn):
-        import ctypes
         import gc
 
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS at the start is what is held
+        release_host_memory()  # hand freed heap back, so RSS at the start is what is held
         dist.barrier()
         start = _rss("VmRSS")
         _reset_peak()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .model import Positions, Projection, parse_enum
+from .sharding import CHECKPOINTING
 
 
 def _fail(path: str, message: str):
@@ -132,7 +133,6 @@ class FusionConfig:
 
 # linear: HF Trainer's default and the authors' (warmup, then linear decay to 0; min_lr_ratio unused).
 LR_SCHEDULERS = ("constant", "cosine", "linear")
-CHECKPOINTING = ("full", "selective")
 
 
 @dataclass

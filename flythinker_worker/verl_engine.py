@@ -36,6 +36,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngine  # noqa: E402
 from verl.workers.engine.utils import detach_tree, postprocess_batch_func, prepare_micro_batches  # noqa: E402
 from verl.workers.utils.padding import build_attention_mask_from_nested  # noqa: E402
 
+from .config import LR_SCHEDULERS  # noqa: E402
 from .export import export_flythinker  # noqa: E402
 from .loading import build_on_meta  # noqa: E402
 from .model import CONFIG_NAME, Positions, Projection, parse_enum  # noqa: E402
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 STRATEGY = "flythinker"
 EXPORT_DIR = "flythinker"  # <trainer.default_local_dir>/global_step_N/flythinker/
 DTYPES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
-LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 
 def _fail(key: str, message: str):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling import vocab_keys
 from .static_lm import StaticLM
 
 
@@ -46,6 +47,8 @@ class Session:
         self.eos = torch.tensor(key.eos or [-1], **long)
         self.logits = torch.zeros(n, key.max_new + 1, model.generator.config.vocab_size, device=device,
                                   dtype=torch.float32) if key.output_logits else None
+        # The noise hash's fixed half, one entry per logit.
+        self.vocab_keys = vocab_keys(model.generator.get_output_embeddings().weight.shape[0], device)
         self.graph = None
         self.step_fn = None
 

@@ -121,7 +121,8 @@ class FastPairedDecoder:
         key = s.key
         take = (lambda t: t) if rows is None else (lambda t: t[rows])
         finished, counter = take(s.finished), take(s.counter)
-        nxt = sample_tokens(logits, take(s.seeds), counter, key.temperature, key.top_k, key.top_p)
+        nxt = sample_tokens(logits, take(s.seeds), counter, key.temperature, key.top_k, key.top_p,
+                            s.vocab_keys)
         column = torch.where(finished, key.max_new, counter)[:, None]
         counter = counter + (~finished).long()
         done = finished | (nxt[:, None] == s.eos[None, :]).any(-1) | (counter >= key.max_new)

@@ -35,10 +35,14 @@ def packing_available(dtype: torch.dtype) -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         weight, bias = torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
-        x = torch.randn(3, 1, 16, generator=gen)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        ok = torch.allclose(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        x, other = torch.randn(3, 16, generator=gen), torch.randn(3, 24, generator=gen)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+        ref = F.linear(x, weight, bias)
+        pointwise = torch.ops.mkldnn._linear_pointwise
+        pairs = [(pointwise(x, packed, bias, "none", [], ""), ref),
+                 (pointwise.binary(x, other, packed, bias, "add"), ref + other),
+                 (pointwise.binary(x, other, packed, bias, "mul"), ref * other)]
+        ok = all(torch.allclose(got, want, rtol=1e-5, atol=1e-5) for got, want in pairs)
     except (RuntimeError, AttributeError) as exc:  # op missing in this build
         logger.info("packed CPU linears unavailable (%s): decoding with F.linear", exc)
         return False
@@ -67,8 +71,16 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d_in) -> (..., sum(splits))."""
         # 2-D in: oneDNN's 3-D path is up to 2x slower for wide matrices (measured, 4096 x 512).
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+        y = self.linear(x.reshape(-1, x.shape[-1]))
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, d_in) -> x @ W.T + b (n, d_out)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def fused(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
+        """(x @ W.T + b) <op> other, op "add" or "mul", in the GEMM's epilogue. x (n, d_in), other (n, d_out)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, op)
 
 
 class PackedLayer:
@@ -82,9 +94,10 @@ class PackedLayer:
         self.down = PackedLinear(mlp.down_proj)
         self.act = mlp.act_fn
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.gate_up.splits, dim=-1)  # views of one fresh output
-        return self.down(self.act(gate).mul_(up))
+    def mlp_residual(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x + down(act(gate(h)) * up(h)) for h, x (n, d); the residual add rides in down's epilogue."""
+        gate, up = self.gate_up.linear(h).split(self.gate_up.splits, dim=-1)  # views of one fresh output
+        return self.down.fused(self.act(gate).mul_(up), x, "add")
 
 
 class PackedLM:

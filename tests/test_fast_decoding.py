@@ -79,6 +79,26 @@ def test_filter_scores_matches_the_reference_sampler_support():
         assert bool((support <= kept).all())
 
 
+def test_nucleus_equals_its_definition_with_ties_and_infinities():
+    """filter_scores' top-p set against the definition computed pair by pair: token v is kept iff the mass
+    of the tokens strictly more likely than v is below top_p (so ties at the boundary are kept together)."""
+    torch.manual_seed(4)
+    logits = torch.randn(5, 300) * 3
+    logits[0, :10] = float("-inf")
+    logits[1, 5], logits[1, 6] = -0.0, 0.0
+    logits[2, ::7] = 1.5  # a tie of 43 tokens
+    logits[3] = -logits[3].abs()  # all negative
+    logits[4, :150] = logits[4, 150:]  # every token tied with one other
+    for top_p in (0.3, 0.9, 0.999):
+        kept = torch.isfinite(filter_scores(logits, 0.8, 0, top_p))
+        probs = (logits.double() / 0.8).softmax(-1)
+        above = (probs[:, None, :] * (probs[:, None, :] > probs[:, :, None])).sum(-1)  # (B, V)
+        assert torch.equal(kept, above < top_p), top_p
+    tie = logits[2:3].clone()
+    tie[0, ::7] = 20.0  # the tie holds nearly all the mass: exactly the tied tokens survive
+    assert torch.equal(torch.isfinite(filter_scores(tie, 1.0, 0, 0.5))[0], tie[0] == 20.0)
+
+
 def test_a_rows_kth_token_depends_only_on_seed_k_and_logits():
     torch.manual_seed(1)
     logits = torch.randn(4, 100)

@@ -9,7 +9,6 @@ from test_decoding import VOCAB_LO, left_padded
 from flythinker_worker import FlyThinker
 from flythinker_worker.fast_decoding import FastPairedDecoder
 from flythinker_worker.packed_linear import PackedLinear, PackedLM, packing_available
-from flythinker_worker.sampling import _descending_order
 
 needs_packing = pytest.mark.skipif(not packing_available(torch.float32), reason="no oneDNN packed linears here")
 
@@ -74,18 +73,6 @@ def test_packing_is_refused_where_it_cannot_run():
     assert not packing_available(torch.bfloat16)
 
 
-def test_descending_order_sorts_like_torch_sort():
-    torch.manual_seed(4)
-    scores = torch.randn(4, 3000) * 30
-    scores[0, :10] = float("-inf")
-    scores[1, 5], scores[1, 6] = -0.0, 0.0
-    scores[2, ::7] = 3.0  # ties
-    scores[3] = -scores[3].abs()  # all negative
-    order = _descending_order(scores)
-    assert torch.equal(scores.gather(-1, order), torch.sort(scores, dim=-1, descending=True).values)
-    assert torch.equal(order.sort(-1).values, torch.arange(3000).expand(4, -1))  # a permutation per row
-
-
 @needs_packing
 def test_packed_lm_covers_every_projection():
     generator, _, _ = make_pair()
@@ -98,5 +85,9 @@ def test_packed_lm_covers_every_projection():
     attn = layer.self_attn
     torch.testing.assert_close(packed.layers[0].qkv(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1),
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed.layers[0].mlp(x), layer.mlp(x), rtol=1e-5, atol=1e-5)
+    residual = torch.randn(3, hidden)
+    torch.testing.assert_close(packed.layers[0].mlp_residual(x[:, 0], residual), residual + layer.mlp(x[:, 0]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.layers[0].o.fused(x[:, 0], residual, "add"), residual + attn.o_proj(x[:, 0]),
+                               rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.lm_head(x), generator.lm_head(x), rtol=1e-5, atol=1e-5)

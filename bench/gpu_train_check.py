@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM)")
     parser.add_argument("--skip", nargs="*", default=[], help="variants to skip (e.g. compile)")
-    parser.add_argument("--json")
+    parser.add_argument("--json", default="bench_results/gpu_train_check.json", help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     device, preset = args.device, args.preset or ("0.5b" if args.device == "cuda" else "tiny")
     import torch.distributed as dist

@@ -114,3 +114,22 @@ def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_train_check_runs_on_cpu_and_writes_its_default_json(tmp_path):
+    """bench.gpu_train_check's CPU smoke form end to end (gloo, world size 1, fp32), run from another folder
+    without --json: the accuracy gates hold and the report lands at the default path."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-m", "bench.gpu_train_check", "--device", "cpu", "--preset", "tiny",
+                    "--length-scale", "0.05", "--rows", "4", "--budget", "1024", "--steps", "1", "--warmup", "0",
+                    "--skip", "compiled"], check=True, cwd=tmp_path, env=env, timeout=600)
+    report = json.loads((tmp_path / "bench_results" / "gpu_train_check.json").read_text())
+    acc = report["accuracy"]
+    assert acc["ok"] and acc["packed_vs_padded_fp32"] < 1e-4
+    assert set(report["variants"]) == {"padded_mb4_full", "packed_full", "packed_selective", "sft_packed_selective"}
+    assert report["summary"]["flop_ideal"] > 1.0

@@ -50,6 +50,7 @@ class SweepSettings:
     grace_period: int = 1  # asha: training steps before a trial can be stopped
     reduction_factor: float = 4.0  # asha
     max_t: int | None = None  # asha: steps; None: trainer.total_training_steps (or unbounded)
+    seed: int | None = 0  # draws of the random keys (uniform, choice, ...); None: a fresh draw every sweep
 
     def __post_init__(self):
         check(self.num_samples >= 1, "sweep.num_samples", f"must be >= 1, got {self.num_samples}")
@@ -62,6 +63,16 @@ class SweepSettings:
         check(self.grace_period >= 1, "sweep.grace_period", f"must be >= 1, got {self.grace_period}")
         check(self.reduction_factor > 1, "sweep.reduction_factor", f"must be > 1, got {self.reduction_factor}")
         check(self.max_t is None or self.max_t >= self.grace_period, "sweep.max_t", "must be >= sweep.grace_period")
+        check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "sweep.seed",
+              f"must be an int >= 0 or null, got {self.seed!r}")
+
+
+def search_algorithm(settings: SweepSettings):
+    """Ray Tune's default variant generator, seeded (the same sweep draws the same points) and holding the
+    concurrency limit itself (Tune ignores max_concurrent_trials beside an explicit generator)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=settings.max_concurrent_trials or 0, random_state=settings.seed)
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -304,6 +315,8 @@ def run_sweep(argv: list[str], trial_hook: Callable | None = None) -> Path:
                                     resources=functools.partial(_resources_of, sweep.base))
     if tune.Tuner.can_restore(str(directory)):
         before = read_json(directory / SETTINGS_FILE) or {}
+        # A settings key the sweep's record lacks (written before the key existed) had its default then.
+        before["settings"] = {**asdict(SweepSettings()), **before.get("settings", {})}
         if {k: before.get(k) for k in record} != json.loads(json.dumps(record)):
             raise ValueError(f"{directory} holds a sweep started with other settings ({before.get('overrides')}, "
                              f"space {before.get('space')}): rerun that command to resume it, or give this sweep "
@@ -321,8 +334,7 @@ def run_sweep(argv: list[str], trial_hook: Callable | None = None) -> Path:
         tuner = tune.Tuner(
             trainable, param_space=tune_space(sweep.space),
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
-                                        max_concurrent_trials=s.max_concurrent_trials,
-                                        trial_dirname_creator=_tune_dirname),
+                                        search_alg=search_algorithm(s), trial_dirname_creator=_tune_dirname),
             run_config=tune.RunConfig(name=s.name, storage_path=s.storage_path,
                                       failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))

@@ -222,3 +222,25 @@ def test_sweep_configs_parse(tiny_assets):
     # num_samples > 1 may draw a point twice: its trials get their own folders.
     assert trial_folder("/s", {"method": "sft"}, "ab_00001", 1) == Path("/s/trials/method=sft")
     assert trial_folder("/s", {"method": "sft"}, "ab_00001", 3) == Path("/s/trials/method=sft,trial=ab_00001")
+
+
+def test_random_keys_are_drawn_from_the_seed(tiny_assets):
+    """The lr sweep's log-uniform draws (through the generator run_sweep gives Tune) repeat for the same
+    sweep.seed, change with another, and stay in the configured range; no cluster needed."""
+    from ray.tune.search import BasicVariantGenerator
+
+    def draws(*overrides):
+        prepared = sweep.prepare(["+sweep=lr", "sweep.num_samples=5", *assets_overrides(tiny_assets), *overrides])
+        generator = sweep.search_algorithm(prepared.settings)
+        assert isinstance(generator, BasicVariantGenerator)
+        generator.add_configurations({"lr": {"run": lambda config: None, "num_samples": 5,
+                                             "config": sweep.tune_space(prepared.space)}})
+        trials = iter(generator.next_trial, None)
+        return [trial.config["optim.lr"] for trial in trials]
+
+    first = draws()
+    assert len(first) == 5 and len(set(first)) == 5 and all(1e-6 <= lr <= 1e-4 for lr in first)
+    assert draws() == first
+    assert draws("sweep.seed=1") != first
+    with pytest.raises(Exception, match="sweep.seed"):
+        draws("sweep.seed=-3")

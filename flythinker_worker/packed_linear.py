@@ -40,8 +40,7 @@ def packing_available(dtype: torch.dtype) -> bool:
         ref = F.linear(x, weight, bias)
         pointwise = torch.ops.mkldnn._linear_pointwise
         pairs = [(pointwise(x, packed, bias, "none", [], ""), ref),
-                 (pointwise.binary(x, other, packed, bias, "add"), ref + other),
-                 (pointwise.binary(x, other, packed, bias, "mul"), ref * other)]
+                 (pointwise.binary(x, other, packed, bias, "add"), ref + other)]
         ok = all(torch.allclose(got, want, rtol=1e-5, atol=1e-5) for got, want in pairs)
     except (RuntimeError, AttributeError) as exc:  # op missing in this build
         logger.info("packed CPU linears unavailable (%s): decoding with F.linear", exc)
@@ -78,9 +77,9 @@ class PackedLinear:
         """x (n, d_in) -> x @ W.T + b (n, d_out)."""
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
-    def fused(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
-        """(x @ W.T + b) <op> other, op "add" or "mul", in the GEMM's epilogue. x (n, d_in), other (n, d_out)."""
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, op)
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """x @ W.T + b + other, the add in the GEMM's epilogue (no extra op). x (n, d_in), other (n, d_out)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "add")
 
 
 class PackedLayer:
@@ -97,7 +96,7 @@ class PackedLayer:
     def mlp_residual(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x + down(act(gate(h)) * up(h)) for h, x (n, d); the residual add rides in down's epilogue."""
         gate, up = self.gate_up.linear(h).split(self.gate_up.splits, dim=-1)  # views of one fresh output
-        return self.down.fused(self.act(gate).mul_(up), x, "add")
+        return self.down.plus(self.act(gate).mul_(up), x)
 
 
 class PackedLM:

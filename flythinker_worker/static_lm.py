@@ -177,7 +177,7 @@ class StaticLM(torch.nn.Module):
             scores = torch.baddbmm(bias, q.reshape(batch * kv, group, dim), keys_t[:, :, :kv_len],
                                    alpha=attn.scaling)  # (B * kv, group, L)
             out = torch.bmm(scores.softmax(-1), values[:, :kv_len])  # (B * kv, group, D)
-            x = fast.o.fused(out.view(batch, heads * dim), x, "add")  # a new tensor: `embeds` is never written
+            x = fast.o.plus(out.view(batch, heads * dim), x)  # a new tensor: `embeds` is never written
             x = fast.mlp_residual(_rms(layer.post_attention_layernorm, x), x)
         return _rms(self.norm, x).view(batch, 1, -1)
 

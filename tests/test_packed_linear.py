@@ -88,6 +88,6 @@ def test_packed_lm_covers_every_projection():
     residual = torch.randn(3, hidden)
     torch.testing.assert_close(packed.layers[0].mlp_residual(x[:, 0], residual), residual + layer.mlp(x[:, 0]),
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed.layers[0].o.fused(x[:, 0], residual, "add"), residual + attn.o_proj(x[:, 0]),
+    torch.testing.assert_close(packed.layers[0].o.plus(x[:, 0], residual), residual + attn.o_proj(x[:, 0]),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.lm_head(x), generator.lm_head(x), rtol=1e-5, atol=1e-5)

@@ -242,5 +242,5 @@ def test_random_keys_are_drawn_from_the_seed(tiny_assets):
     assert len(first) == 5 and len(set(first)) == 5 and all(1e-6 <= lr <= 1e-4 for lr in first)
     assert draws() == first
     assert draws("sweep.seed=1") != first
-    with pytest.raises(Exception, match="sweep.seed"):
+    with pytest.raises(ValueError, match="sweep.seed"):
         draws("sweep.seed=-3")

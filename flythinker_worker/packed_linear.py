@@ -5,15 +5,17 @@ default GEMM for such skinny products reaches ~5-9 GB/s of weight reads on our 2
 oneDNN with the weight pre-packed into its blocked layout reaches ~17-20 GB/s (8 rows, fp32, measured
 here), and a decode step is a pass over all weights.
 So the static-cache step, on CPU, multiplies by packed copies: q/k/v as one matrix, gate/up as one
-matrix, o, down and the LM head. The two ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`)
+matrix, o, down and the LM head; o and down add the residual in the GEMM's epilogue
+(`_linear_pointwise.binary`, "add"). The ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`)
 are the ones torch.compile's CPU freezing pass emits for low-precision or dynamic-batch linears (for fp32
 it picks MKL's packed GEMM, which reached only ~7 GB/s here); we call them eagerly, so there is no
 compiler and no frozen (unsyncable) weights.
 
 The packed copies cost one extra copy of the weights in host memory; they are rebuilt whenever a
 parameter changes (its version counter or storage), so an in-place weight sync is never decoded with
-stale copies (a write through `.data` bypasses the version counter: build a new decoder after one). Where the ops are missing or disagree with `F.linear` (a self-check at first use), the
-step uses the HF modules as before."""
+stale copies (a write through `.data` bypasses the version counter: build a new decoder after one).
+Where the ops are missing or disagree with `F.linear` (a self-check at first use), the step uses the HF
+modules as before."""
 
 from __future__ import annotations
 

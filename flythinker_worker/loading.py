@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .model import CONFIG_NAME, PROJECTION_WEIGHTS, FlyThinker, check_checkpoint
+from .model import CONFIG_NAME, PROJECTION_WEIGHTS, FlyThinker, check_checkpoint, stored_reasoner
 
 
 def check_same_vocabulary(generator_tokenizer, reasoner_tokenizer) -> None:
@@ -55,11 +55,9 @@ def resolve_sources(generator_path: str, reasoner_path: str | None, lam: float, 
         check_checkpoint(generator_path, tokenizer=True)
         with open(os.path.join(generator_path, CONFIG_NAME)) as f:
             stored = json.load(f)
-        reasoner_dir = os.path.join(generator_path, "reasoner")
-        if not (lam and stored.get("has_reasoner", os.path.isdir(reasoner_dir))):  # as FlyThinker.from_pretrained
-            reasoner_dir = None
+        reasoner_dir = stored_reasoner(generator_path, stored) if lam else None
         projection_file = os.path.join(generator_path, PROJECTION_WEIGHTS)
-        return tokenizer, os.path.join(generator_path, "generator"), reasoner_dir, \
+        return tokenizer, os.path.join(generator_path, "generator"), str(reasoner_dir) if reasoner_dir else None, \
             projection_file if os.path.exists(projection_file) else None
     if lam == 0:
         return tokenizer, generator_path, None, None

@@ -256,9 +256,8 @@ class FlyThinker(nn.Module):
         if dtype is not None:
             model_kwargs["dtype"] = dtype
         generator = AutoModelForCausalLM.from_pretrained(directory / "generator", **model_kwargs)
-        reasoner = None
-        if cfg.get("has_reasoner", (directory / "reasoner").exists()):
-            reasoner = AutoModelForCausalLM.from_pretrained(directory / "reasoner", **model_kwargs)
+        reasoner_dir = stored_reasoner(directory, cfg)
+        reasoner = AutoModelForCausalLM.from_pretrained(reasoner_dir, **model_kwargs) if reasoner_dir else None
         model = cls(generator, reasoner, lam=cfg["lam"], positions=cfg["positions"],
                     projection=cfg["projection"], vocab_size=cfg.get("vocab_size"))
         if model.projection is not None:
@@ -290,6 +289,13 @@ def missing_checkpoint_files(directory: str | os.PathLike, tokenizer: bool = Fal
     if tokenizer and not (root / "tokenizer_config.json").exists():
         missing.append("tokenizer_config.json (and the tokenizer's vocabulary files)")
     return missing
+
+
+def stored_reasoner(directory: str | os.PathLike, config: dict) -> Path | None:
+    """The reasoner folder of a FlyThinker checkpoint (`config`: its flythinker.json), None when it was
+    saved without one (an SFT run)."""
+    folder = Path(directory) / "reasoner"
+    return folder if config.get("has_reasoner", folder.exists()) else None
 
 
 def check_checkpoint(directory: str | os.PathLike, tokenizer: bool = False) -> None:

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from test_sharding import spawn
+from test_sharding import _load_sharded, spawn
 
 from flythinker_worker.rank0_load import row_bounds
 
@@ -20,16 +19,10 @@ def test_row_bounds_known_values():
 
 
 def _three_ranks(rank, world, root, bad_root, out):
-    from flythinker_worker.loading import build_on_meta
-    from flythinker_worker.rank0_load import load_from_rank0, materialize
-    from flythinker_worker.sharding import full_state_dict, shard_flythinker
+    from flythinker_worker.sharding import full_state_dict
 
-    def load(folder):
-        model, _, reader = build_on_meta(f"{folder}/generator", f"{folder}/reasoner", 0.5, "global", "pad")
-        shard_flythinker(model, "cpu", torch.float32, False, True)
-        materialize(model, "cpu")
-        load_from_rank0(model, reader if rank == 0 else None, stream_bytes=0)
-        return model
+    def load(folder):  # stream_bytes=0: every row-sharded tensor streamed by rows
+        return _load_sharded(f"{folder}/generator", f"{folder}/reasoner", "pad", stream_bytes=0)[0]
 
     model = load(root)
     table = model.generator.get_input_embeddings().weight

@@ -233,11 +233,9 @@ def _rank(rank, world, port, root, out, mode):
 
 
 def measure(world: int, root: Path, mode: str) -> list[dict]:
-    import socket
+    from flythinker_worker.ports import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     with tempfile.TemporaryDirectory() as out:
         torch.multiprocessing.spawn(_rank, args=(world, port, str(root), out, mode), nprocs=world)
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]

@@ -23,8 +23,17 @@ def init_distributed(device: str) -> torch.device:
     """Join the process group verl's Worker env describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     torch_device = local_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        try:
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            raise RuntimeError(
+                f"MASTER_PORT {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} was taken by "
+                "another process between the worker group choosing it and rank 0 binding it. Groups made by "
+                "recipe.workers choose from flythinker_worker.ports.master_port_range(), outside the kernel's "
+                "ephemeral ports; a RayWorkerGroup of your own should pass master_port_range=... too.") from err
     return torch_device
 
 

@@ -33,7 +33,7 @@ from flythinker_worker.decode_common import left_pad
 from flythinker_worker.rollout_worker import FlyThinkerRolloutWorker, RolloutConfig, RolloutModelConfig
 
 from .data import pad_token_id, prompt_ids
-from .workers import make_worker_group, release_worker_group
+from .workers import make_worker_group, release_worker_group, worker_group
 
 
 # ---- worker group ------------------------------------------------------------------------------------------
@@ -50,10 +50,10 @@ def make_rollout_group(config: RolloutConfig, n_workers_per_node: int, nnodes: i
                                         config=config)
     else:
         import ray
-        from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
+        from verl.single_controller.ray import RayClassWithInitArgs
 
         worker = RayClassWithInitArgs(ray.remote(FlyThinkerRolloutWorker), config=config)
-        group, pool = RayWorkerGroup(resource_pool, worker, device_name=config.device), None
+        group, pool = worker_group(resource_pool, worker, config.device), None
     try:
         group.init_model()
     except BaseException:

@@ -9,6 +9,8 @@ import ray
 from verl import DataProto
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
+from flythinker_worker.ports import master_port_range
+
 RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VERL_LOGGING_LEVEL": "WARNING"}}
 
 
@@ -43,9 +45,14 @@ def make_worker_group(worker_cls, device: str, n_per_node: int, nnodes: int = 1,
         pool = RayResourcePool(process_on_nodes=[n_per_node] * nnodes, use_gpu=device == "cuda",
                                max_colocate_count=colocate)
         prefix = None
-    group = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args), device_name=device,
-                           name_prefix=prefix)
-    return group, pool
+    return worker_group(pool, RayClassWithInitArgs(ray.remote(worker_cls), **init_args), device, prefix), pool
+
+
+def worker_group(pool, worker: RayClassWithInitArgs, device: str, name_prefix: str | None = None) -> RayWorkerGroup:
+    """verl's RayWorkerGroup whose MASTER_PORT lies outside the kernel's ephemeral ports (verl's default,
+    a bind to port 0, can be taken by an outgoing connection before rank 0 binds it: see ports.py)."""
+    return RayWorkerGroup(pool, worker, device_name=device, name_prefix=name_prefix,
+                          master_port_range=master_port_range())
 
 
 def _trial_bundles(pg, device: str, n_per_node: int, nnodes: int, colocate: int):

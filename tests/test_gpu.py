@@ -30,11 +30,9 @@ def test_decoding_matches_teacher_forcing_on_cuda(dtype, atol):
 
 def _single_rank_env(monkeypatch) -> None:
     """env:// variables of a world of one on a free local port (torchrun's, for init_distributed)."""
-    import socket
+    from flythinker_worker.ports import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)

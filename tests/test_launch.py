@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 from safetensors.torch import load_file
+
+from flythinker_worker.ports import free_ports
 
 pytestmark = pytest.mark.slow
 BIN = str(Path(sys.executable).parent)
@@ -35,25 +36,12 @@ def records(out_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all sockets are held open together, so the OS cannot hand one out twice
-    (Ray refuses a head whose components share a port)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def submitted_job(tiny_assets, tmp_path_factory):
     """ONE uninterrupted 12-step run of launch/train.sh, submitted with `ray job submit` to a private local
     head: (the `ray job submit` result, its output dir). It is also the reference of the kill -9 test."""
     tmp_path = tmp_path_factory.mktemp("job")
-    gcs, dashboard, *agent_ports = free_ports(7)
+    gcs, dashboard, *agent_ports = free_ports(7)  # distinct: Ray refuses a head whose components share one
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     head = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",

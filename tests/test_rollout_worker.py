@@ -7,17 +7,18 @@ import torch
 from conftest import compose, tiny_overrides
 from transformers import AutoTokenizer
 from verl import DataProto
-from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool
 
 from flythinker_worker import FlyThinker, PairedDecoder
 from flythinker_worker.fsdp_worker import FlyThinkerTrainWorker
+from flythinker_worker.ports import FIRST_PORT, ephemeral_range
 from flythinker_worker.rollout_worker import RolloutConfig, RolloutDecodingConfig, RolloutModelConfig
 from flythinker_worker.tiny import tiny_pair
 from recipe.config import load_config
 from recipe.data import SFTDataset
 from recipe.rollout import (make_rollout_group, rollout_config_from_training,
                                sync_weights)
-from recipe.workers import release_worker_group
+from recipe.workers import release_worker_group, worker_group
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 24
@@ -174,10 +175,13 @@ def test_weights_synced_from_training_equal_its_export(ray_local, tiny_assets, t
     prompt_ids, eos, pad = prompts(tokenizer, 4), [tokenizer.eos_token_id], tokenizer.pad_token_id
     # The layout for GPUs: the rollout workers share the training group's bundles (max_colocate_count=2).
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=2)
-    train = RayWorkerGroup(pool, RayClassWithInitArgs(ray.remote(FlyThinkerTrainWorker),
-                                                      config=cfg.worker_config(10)), device_name="cpu")
+    train = worker_group(pool, RayClassWithInitArgs(ray.remote(FlyThinkerTrainWorker),
+                                                    config=cfg.worker_config(10)), "cpu")
     rollout = None
     try:
+        # The store's port lies between Ray's worker ports and the kernel's ephemeral ones (CI once lost a
+        # port bound to 0 to an actor's outgoing connection before rank 0 bound its store).
+        assert FIRST_PORT <= int(train.master_port) < ephemeral_range()[0]
         train.init_model()
         # The API the trainer uses: a rollout group shaped like the training model, synced in memory.
         rollout, own_pool = make_rollout_group(rollout_config_from_training(cfg), 2, resource_pool=pool)

@@ -6,24 +6,19 @@ and no unsafe torch.load anywhere."""
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from flythinker_worker.ports import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` fresh processes joined by a gloo group (env://)."""
-    torch.multiprocessing.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_entry, args=(fn, world, free_ports()[0], args), nprocs=world, join=True)
 
 
 def _entry(rank, fn, world, port, args):
@@ -224,3 +219,24 @@ def test_weight_buckets_cover_every_tensor_once_within_the_limit():
     got = gather_bucket(model, buckets[1], torch.bfloat16)  # no process group: this process is rank 0
     assert list(got) == buckets[1] and all(t.dtype == torch.bfloat16 for t in got.values())
     assert all(torch.equal(got[n], state[n].to(torch.bfloat16)) for n in got)
+
+
+def test_a_taken_master_port_is_a_clear_error(monkeypatch):
+    """Another process holding MASTER_PORT: init_distributed names the port and the way out, instead of
+    torch's bare EADDRINUSE from inside the store."""
+    import socket
+
+    import torch.distributed as dist
+
+    from flythinker_worker.sharding import init_distributed
+
+    assert not dist.is_initialized()
+    port = free_ports()[0]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with socket.socket() as holder:
+        holder.bind(("", port))
+        holder.listen()
+        with pytest.raises(RuntimeError, match=f"MASTER_PORT {port} on 127.0.0.1 was taken.*master_port_range"):
+            init_distributed("cpu")
+    assert not dist.is_initialized()

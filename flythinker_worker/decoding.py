@@ -8,7 +8,7 @@ Two backends behind one `generate`:
   - "static" (fast_decoding.FastPairedDecoder, the default for the Llama family: qwen2/qwen3/llama/mistral):
     preallocated per-slot KV caches, one sync-free step for reasoner + generator + sampler, on-device
     counter-based per-row sampling, torch.compile + one CUDA graph per step on CUDA; `generate_many` adds
-    continuous batching. Its seed contract is in fast_decoding's docstring.
+    continuous batching. Its seed contract is in sampling's docstring.
   - "hf" (this module's `prefill`/`step` loop over HF DynamicCaches): the reference the tests compare
     against, and the fallback for architectures the static step does not cover. Its sampler draws from
     torch.Generators (one per row when `seed` is a list).

@@ -19,20 +19,14 @@ our own loop over the HF decoder layers' submodules (norms, projections, MLP are
 the attention core is ours), for the Llama family: qwen2, qwen3, llama, mistral without sliding window,
 static RoPE types. `unsupported_reason()` says why another model falls back to the reference decoder.
 
-Seed contract (`sample_tokens`). Row seed S (an int >= 0, e.g. recipe.rollout.row_seed), sample index k
-(0 for the first generated token). The noise for vocabulary entry v is u(S, k, v) in (0, 1): a 32-bit
-integer hash (xorshift-multiply rounds) of (S, k, v), its top 24 bits as a float. The k-th token is
-argmax_v(logits_v / T + g_v) over the entries that survive top-k/top-p, with Gumbel noise
-g_v = -log(-log(u)): an exact draw from softmax(logits / T) restricted to the nucleus, as `sample_next`
-draws. So the k-th token of a row depends only on S, k and the row's logits, i.e. on (S, its prompt,
-its earlier tokens): never on the batch, the slot, the worker count or the device's RNG state.
-Greedy (T = 0) is argmax and uses no noise.
+Seed contract: flythinker_worker.sampling (counter-based noise per row seed and sample index).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from concurrent import futures
+
 import torch
 
 from .decode_common import GenerateOutput, check_sampling, hf_prefill, left_pad
@@ -47,12 +41,14 @@ logger = logging.getLogger(__name__)
 
 class FastPairedDecoder:
     """Static-cache, sync-free lock-step decoding of a `FlyThinker` (same outputs as `PairedDecoder`'s
-    reference backend for greedy decoding; sampling follows the seed contract in the module docstring).
+    reference backend for greedy decoding; sampling follows the seed contract in flythinker_worker.sampling).
 
     `compile` (default: on CUDA) runs the step through `torch.compile`; `cuda_graph` (default: on CUDA)
     captures the whole step (reasoner + generator + sampler + state updates) as one CUDA graph and
-    replays it; `overlap` (default: on CUDA with a reasoner) runs the reasoner on a side stream inside
-    that graph, concurrent with the generator; `attention` is "sdpa", "flash" (flash-attn's kvcache
+    replays it; `overlap` (default: with a reasoner, on CUDA, and on CPU with >= 2 torch threads) runs
+    the reasoner concurrently with the generator: on a side stream inside that graph, or on CPU in a
+    helper thread (its many small ops are dispatch-bound and hide under the generator's bandwidth-bound
+    products; torch kernels release the GIL); `attention` is "sdpa", "flash" (flash-attn's kvcache
     kernel, CUDA only) or "auto" (flash when importable on CUDA, else sdpa); `sync_every`: steps between
     host reads of the finished flags (default 1 on CPU, 8 on CUDA); `pack_weights` (default: on CPU in fp32
     where oneDNN runs, eager only) multiplies by pre-packed weight copies (packed_linear: ~2-4x faster
@@ -70,7 +66,9 @@ class FastPairedDecoder:
         self.cuda_graph = cuda if cuda_graph is None else cuda_graph
         if self.cuda_graph and not cuda:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.overlap = (cuda and self.reasoner_steps) if overlap is None else overlap
+        if overlap is None:
+            overlap = self.reasoner_steps and (cuda or torch.get_num_threads() > 1)
+        self.overlap = overlap
         if attention == "auto":
             attention = "flash" if cuda and _flash_attn_available() else "sdpa"
         if attention not in ("sdpa", "flash"):
@@ -164,24 +162,37 @@ class FastPairedDecoder:
 
     def _step_impl(self, s: Session, kv_len: int | None = None) -> None:
         """One lock-step for every slot. The reasoner and the generator share no data inside a step (the
-        generator reads fit(r_{t-1}) from s.latent, the reasoner produces fit(r_t)), so under capture with
-        `overlap` the reasoner runs on a side stream, concurrent with the generator."""
+        generator reads fit(r_{t-1}) from s.latent, the reasoner produces fit(r_t)), so with `overlap`
+        the reasoner runs concurrently: on a side stream inside a CUDA graph, in a helper thread on CPU."""
         reasoner, generator, post = self._parts
-        new_latent, side = None, None
-        if s.reasoner is not None:
-            side = self._side_stream if self._capturing else None
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        side = self._side_stream if self._capturing else None
+        if s.reasoner is None:
+            new_latent, logits = None, generator(s, kv_len)
+        elif side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
                 new_latent = reasoner(s, kv_len)
-        logits = generator(s, kv_len)
+            logits = generator(s, kv_len)
+            torch.cuda.current_stream().wait_stream(side)
+        elif self.overlap and self.device.type == "cpu":
+            # Grad and inference mode are thread-local: the helper runs in the caller's.
+            if self._reasoner_thread is None:
+                self._reasoner_thread = futures.ThreadPoolExecutor(1, thread_name_prefix="flythinker-reasoner")
+            pending = self._reasoner_thread.submit(_in_modes, torch.is_grad_enabled(),
+                                                   torch.is_inference_mode_enabled(), reasoner, s, kv_len)
+            try:
+                logits = generator(s, kv_len)
+            finally:
+                futures.wait([pending])  # the reasoner never writes its cache after the step returned
+            new_latent = pending.result()
+        else:
+            new_latent, logits = reasoner(s, kv_len), generator(s, kv_len)
         if new_latent is not None:
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
             s.latent.copy_(new_latent)
         post(s, logits)
 
     _capturing = False
+    _reasoner_thread = None
     _side_stream = None
     _parts = None
 
@@ -380,3 +391,9 @@ class FastPairedDecoder:
         if s.step_fn is None:
             s.step_fn = self._build_step(s)
         return s.step_fn
+
+
+def _in_modes(grad: bool, inference: bool, fn, *args):
+    """fn(*args) under the given grad / inference mode (a helper thread starts with grad on)."""
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        return fn(*args)

@@ -1,7 +1,16 @@
 """Next-token sampling shared by both decoders. `sample_next` draws with torch.Generators (the reference
 decoder); `sample_tokens` draws with counter-based noise hashed from (row seed, sample index, vocab id),
-so a row's k-th token never depends on its batch, slot or device (the fast decoder's seed contract, see
-flythinker_worker.fast_decoding). Plain torch (and numpy's sort on CPU)."""
+so a row's k-th token never depends on its batch, slot or device. Plain torch (and numpy's sort on CPU).
+
+Seed contract (`sample_tokens`). Row seed S (an int >= 0, e.g. recipe.rollout.row_seed), sample index k
+(0 for the first generated token). The noise for vocabulary entry v is u(S, k, v) in (0, 1): a 32-bit
+integer hash (xorshift-multiply rounds) of (S, k, v), its top 24 bits as a float. The k-th token is
+argmax_v(logits_v / T + g_v) over the entries that survive top-k/top-p, with Gumbel noise
+g_v = -log(-log(u)): an exact draw from softmax(logits / T) restricted to the nucleus, as `sample_next`
+draws. So the k-th token of a row depends only on S, k and the row's logits, i.e. on (S, its prompt,
+its earlier tokens): never on the batch, the slot, the worker count or the device's RNG state.
+Greedy (T = 0) is argmax and uses no noise.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 step traced as one graph, other Llama-family architectures, fallback for unsupported models."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -159,6 +160,41 @@ def test_step_traces_as_one_graph_without_host_syncs():
     compiled = FastPairedDecoder(model, compile=True, compile_backend="aot_eager").generate(ids, mask, **kwargs)
     assert torch.equal(eager.sequences, compiled.sequences)
     torch.testing.assert_close(eager.logits, compiled.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_overlap_runs_the_reasoner_in_a_helper_thread_with_the_same_outputs(monkeypatch):
+    """overlap on CPU: every step's reasoner part runs in a helper thread while the generator runs in the
+    caller's; tokens and logits equal the sequential step's, also under inference_mode (thread-local, so
+    the helper must adopt it: an in-place write to an inference tensor outside it raises), and an error
+    in the reasoner reaches the caller."""
+    generator, reasoner, tok = make_pair()
+    model = FlyThinker(generator, reasoner, lam=1.0)
+    torch.manual_seed(7)
+    ids, mask = left_padded([torch.randint(VOCAB_LO, len(tok), (n,)) for n in (5, 9, 2)], tok.pad_token_id)
+    kwargs = dict(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=[4, 5, 6], output_logits=True)
+    threads, real = [], FastPairedDecoder._reasoner_part
+
+    def recorded(self, s, kv_len=None):
+        threads.append(threading.get_ident())
+        return real(self, s, kv_len)
+
+    monkeypatch.setattr(FastPairedDecoder, "_reasoner_part", recorded)
+    sequential = FastPairedDecoder(model, overlap=False).generate(ids, mask, **kwargs)
+    assert threads and set(threads) == {threading.get_ident()}
+    threads.clear()
+    with torch.inference_mode():
+        overlapped = FastPairedDecoder(model, overlap=True).generate(ids, mask, **kwargs)
+    assert len(threads) == 7 and threading.get_ident() not in threads  # 8 tokens: 1 from prefill, 7 steps
+    assert torch.equal(sequential.sequences, overlapped.sequences)
+    torch.testing.assert_close(sequential.logits, overlapped.logits, atol=1e-5, rtol=1e-5)
+    assert FastPairedDecoder(FlyThinker(generator, None)).overlap is False  # nothing to overlap
+
+    def broken(self, s, kv_len=None):
+        raise RuntimeError("reasoner failed")
+
+    monkeypatch.setattr(FastPairedDecoder, "_reasoner_part", broken)
+    with pytest.raises(RuntimeError, match="reasoner failed"):
+        FastPairedDecoder(model, overlap=True).generate(ids, mask, **kwargs)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])

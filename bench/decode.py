@@ -14,9 +14,10 @@ Systems (columns):
   gen-new   the generator alone (lam 0) through the new path
   hf        HF `generate` of the generator alone (DynamicCache; on CUDA also `hf-static`:
             cache_implementation="static", which transformers compiles)
-Ratios: new/today; paired/gen-only (= gen-new time / new time, i.e. tok/s ratio inverted) against the
-ideal 1 + W_R/W_G (weights read per step); on CUDA at batch 1 the achieved bandwidth (W_G + W_R) / step
-time against the card's HBM bandwidth (--hbm-gbps, default from the device name).
+Ratios (from each system's best repetition, and as the median of the per-repetition ratios): new/today;
+paired/gen-only (= new time / gen-new time, i.e. tok/s ratio inverted) against the ideal 1 + W_R/W_G
+(weights read per step); on CUDA at batch 1 the achieved bandwidth (W_G + W_R) / step time against the
+card's HBM bandwidth (--hbm-gbps, default from the device name). On a shared machine pass --reps 6 or more.
 
 --continuous: 32 prompts of mixed lengths (16..128 tokens), sampled, with an EOS set that makes rows stop
 at geometric-like lengths (capped at --cb-new-tokens): padded static batches of --cb-slots (the new
@@ -148,10 +149,15 @@ def grid(args, pair, device) -> list[dict]:
             best = {name: min(t) for name, t in times.items()}  # min: the least disturbed repetition
             row = {"batch": batch, "new": new, **{f"{n}_tok_s": batch * new / t for n, t in best.items()},
                    "times": times}
+            # Also the median over repetitions of each repetition's own ratio: both systems of a
+            # repetition ran back to back, so a burst of load from other jobs cancels out.
+            paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
             if "new" in best and "today" in best:
                 row["new_over_today"] = best["today"] / best["new"]
+                row["new_over_today_median"] = paired("today", "new")
             if "new" in best and "gen-new" in best:
                 row["paired_over_gen"] = best["new"] / best["gen-new"]
+                row["paired_over_gen_median"] = paired("new", "gen-new")
                 row["ideal"] = ideal
                 row["paired_over_gen_vs_ideal"] = row["paired_over_gen"] / ideal
             if "new" in best:
@@ -172,10 +178,11 @@ def print_row(row: dict, hbm_gbps: float | None) -> None:
         if key.endswith("_tok_s"):
             cols.append(f"{key[:-6]} {value:8.1f} tok/s")
     if "new_over_today" in row:
-        cols.append(f"new/today {row['new_over_today']:.2f}x")
+        cols.append(f"new/today {row['new_over_today']:.2f}x (per-rep median {row['new_over_today_median']:.2f}x)")
     if "paired_over_gen" in row:
         cols.append(f"paired/gen-only {row['paired_over_gen']:.3f} (ideal {row['ideal']:.3f}, "
-                    f"{row['paired_over_gen_vs_ideal']:.3f}x ideal)")
+                    f"{row['paired_over_gen_vs_ideal']:.3f}x ideal; per-rep median "
+                    f"{row['paired_over_gen_median'] / row['ideal']:.3f}x ideal)")
     if "new_ms_per_step" in row:
         bw = row["new_bytes_per_s"] / 1e9
         pct = f", {100 * bw / hbm_gbps:.0f}% of {hbm_gbps:.0f} GB/s" if hbm_gbps else ""

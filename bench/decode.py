@@ -151,13 +151,15 @@ def grid(args, pair, device) -> list[dict]:
                    "times": times}
             # Also the median over repetitions of each repetition's own ratio: both systems of a
             # repetition ran back to back, so a burst of load from other jobs cancels out.
-            paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+            def per_rep(a: str, b: str) -> float:
+                return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
             if "new" in best and "today" in best:
                 row["new_over_today"] = best["today"] / best["new"]
-                row["new_over_today_median"] = paired("today", "new")
+                row["new_over_today_median"] = per_rep("today", "new")
             if "new" in best and "gen-new" in best:
                 row["paired_over_gen"] = best["new"] / best["gen-new"]
-                row["paired_over_gen_median"] = paired("new", "gen-new")
+                row["paired_over_gen_median"] = per_rep("new", "gen-new")
                 row["ideal"] = ideal
                 row["paired_over_gen_vs_ideal"] = row["paired_over_gen"] / ideal
             if "new" in best:

@@ -52,6 +52,18 @@ def tiny_assets(tmp_path_factory):
     return root
 
 
+def single_rank_env(monkeypatch, port: int | None = None) -> int:
+    """env:// variables of a world of one (torchrun's, for init_distributed) on `port`, by default a free
+    local one; returns the port."""
+    from flythinker_worker.ports import free_ports
+
+    port = free_ports()[0] if port is None else port
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    return port
+
+
 def tiny_overrides(assets, out_dir, *extra):
     """Hydra overrides pointing the embedded default at session assets and a private output dir."""
     return [f"model.generator.path={assets}/tiny_models/generator",

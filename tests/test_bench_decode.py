@@ -20,7 +20,10 @@ def test_decode_bench_ratios_follow_their_definitions(tmp_path, capsys):
     assert abs(row["paired_over_gen"] - best["new"] / best["gen-new"]) < 1e-12
     assert abs(row["paired_over_gen_vs_ideal"] - row["paired_over_gen"] / row["ideal"]) < 1e-12
     t = row["times"]  # the median of two per-repetition ratios is their mean
-    mean_ratio = lambda a, b: (t[a][0] / t[b][0] + t[a][1] / t[b][1]) / 2  # noqa: E731
+
+    def mean_ratio(a, b):
+        return (t[a][0] / t[b][0] + t[a][1] / t[b][1]) / 2
+
     assert abs(row["new_over_today_median"] - mean_ratio("today", "new")) < 1e-12
     assert abs(row["paired_over_gen_median"] - mean_ratio("new", "gen-new")) < 1e-12
     assert abs(row["new_bytes_per_s"] - (result["w_g"] + result["w_r"]) / (best["new"] / 3)) < 1e-6 * row["new_bytes_per_s"]

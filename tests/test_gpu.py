@@ -3,7 +3,7 @@ teacher-forced forward, on the tiny pair."""
 
 import pytest
 import torch
-from conftest import make_pair
+from conftest import make_pair, single_rank_env
 
 from flythinker_worker import FlyThinker, PairedDecoder
 
@@ -28,16 +28,6 @@ def test_decoding_matches_teacher_forcing_on_cuda(dtype, atol):
     assert bool((agree | ambiguous).all())
 
 
-def _single_rank_env(monkeypatch) -> None:
-    """env:// variables of a world of one on a free local port (torchrun's, for init_distributed)."""
-    from flythinker_worker.ports import free_ports
-
-    port = free_ports()[0]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-
-
 def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
     """Our FSDP2 layout (each decoder layer of both LMs, then one root over FlyThinker) on one GPU with
     NCCL and the bf16 MixedPrecisionPolicy: the first backward used to crash when the root resharded
@@ -47,7 +37,7 @@ def test_fsdp2_bf16_step_on_cuda_matches_fp32(monkeypatch):
 
     from flythinker_worker.sharding import init_distributed, shard_flythinker
 
-    _single_rank_env(monkeypatch)
+    single_rank_env(monkeypatch)
     generator, reasoner, tok = make_pair()
     torch.manual_seed(0)
     ids = torch.randint(3, len(tok), (2, 24), device="cuda")
@@ -85,7 +75,7 @@ def test_fsdp2_rank0_load_on_cuda_equals_a_plain_load(monkeypatch, tmp_path, cpu
     from flythinker_worker.sharding import full_state_dict, init_distributed, shard_flythinker
     from flythinker_worker.tiny import write_tiny_pair
 
-    _single_rank_env(monkeypatch)
+    single_rank_env(monkeypatch)
     write_tiny_pair(tmp_path)
     gen, rsn = f"{tmp_path}/generator", f"{tmp_path}/reasoner"
     expected = load_flythinker(gen, rsn, 0.5, "global", "pad")[0].state_dict()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import single_rank_env
 
 from flythinker_worker.ports import free_ports
 
@@ -231,9 +232,7 @@ def test_a_taken_master_port_is_a_clear_error(monkeypatch):
     from flythinker_worker.sharding import init_distributed
 
     assert not dist.is_initialized()
-    port = free_ports()[0]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
+    port = single_rank_env(monkeypatch)
     with socket.socket() as holder:
         holder.bind(("", port))
         holder.listen()

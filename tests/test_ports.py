@@ -3,6 +3,7 @@ skipping ports a server holds."""
 
 import random
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,9 @@ from flythinker_worker.ports import FIRST_PORT, ephemeral_range, free_ports, mas
 def test_master_port_range_lies_between_ray_worker_ports_and_the_ephemeral_ones():
     first_ephemeral, last_ephemeral = ephemeral_range()
     assert 1024 <= first_ephemeral <= last_ephemeral <= 65535
+    proc = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if proc.exists():  # what the kernel says, read here independently
+        assert (first_ephemeral, last_ephemeral) == tuple(int(p) for p in proc.read_text().split())
     starts = set()
     for _ in range(50):
         random.seed(0)  # trainers seed `random`; two groups must still get different windows

@@ -9,7 +9,8 @@ exactly `new` tokens (tok/s = batch * new / wall time, prefill included).
 
 Systems (columns):
   new       PairedDecoder backend "static" (fast_decoding: static caches, sync-free step; CUDA: compiled
-            parts + one CUDA graph per step, reasoner on a side stream)
+            parts + one CUDA graph per step, reasoner on a side stream; --overlap on: also on CPU, in a
+            helper thread)
   today     PairedDecoder backend "hf": the per-step HF DynamicCache loop (the reference)
   gen-new   the generator alone (lam 0) through the new path
   hf        HF `generate` of the generator alone (DynamicCache; on CUDA also `hf-static`:
@@ -102,10 +103,12 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def systems(pair: FlyThinker, device: str, sampling: dict, wanted: list[str]):
-    """name -> callable(ids, new_tokens) decoding every row to exactly new_tokens."""
+def systems(pair: FlyThinker, device: str, sampling: dict, wanted: list[str], overlap: bool | None = None):
+    """name -> callable(ids, new_tokens) decoding every row to exactly new_tokens. `overlap`: the new
+    decoder's reasoner/generator overlap (None: its default)."""
     gen_only = FlyThinker(pair.generator, None, lam=0.0).eval()
-    new, today, gen_new = PairedDecoder(pair, "static"), PairedDecoder(pair, "hf"), PairedDecoder(gen_only, "static")
+    new, today = PairedDecoder(pair, "static", overlap=overlap), PairedDecoder(pair, "hf")
+    gen_new = PairedDecoder(gen_only, "static")
 
     def ours(decoder):
         return lambda ids, n: decoder.generate(ids, max_new_tokens=n, seed=list(range(ids.shape[0])), **sampling)
@@ -130,7 +133,7 @@ def systems(pair: FlyThinker, device: str, sampling: dict, wanted: list[str]):
 
 def grid(args, pair, device) -> list[dict]:
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
-    runs = systems(pair, device, sampling, args.systems)
+    runs = systems(pair, device, sampling, args.systems, {"auto": None, "on": True, "off": False}[args.overlap])
     vocab = pair.generator.config.vocab_size
     w_g, w_r = weight_bytes(pair)
     ideal = ideal_ratio(pair)
@@ -253,6 +256,8 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--systems", nargs="+", default=["new", "today", "gen-new", "hf"],
                         choices=["new", "today", "gen-new", "hf"])
+    parser.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                        help="the new decoder's reasoner/generator overlap (auto: on with CUDA, off on CPU)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--reps", type=int, default=2)

@@ -25,10 +25,9 @@ Seed contract: flythinker_worker.sampling (counter-based noise per row seed and 
 from __future__ import annotations
 
 import logging
-from concurrent import futures
-
 import torch
 
+from .cpu_overlap import HelperThread
 from .decode_common import GenerateOutput, check_sampling, hf_prefill, left_pad
 from .decode_session import Session, SessionKey, restore, snapshot
 from .model import FlyThinker, Positions
@@ -45,10 +44,9 @@ class FastPairedDecoder:
 
     `compile` (default: on CUDA) runs the step through `torch.compile`; `cuda_graph` (default: on CUDA)
     captures the whole step (reasoner + generator + sampler + state updates) as one CUDA graph and
-    replays it; `overlap` (default: with a reasoner, on CUDA, and on CPU with >= 2 torch threads) runs
-    the reasoner concurrently with the generator: on a side stream inside that graph, or on CPU in a
-    helper thread (its many small ops are dispatch-bound and hide under the generator's bandwidth-bound
-    products; torch kernels release the GIL); `attention` is "sdpa", "flash" (flash-attn's kvcache
+    replays it; `overlap` (default: with a reasoner, on CUDA) runs the reasoner concurrently with the
+    generator: on a side stream inside that graph, or on CPU (opt-in: slower on 2 cores) in a helper
+    thread (cpu_overlap); `attention` is "sdpa", "flash" (flash-attn's kvcache
     kernel, CUDA only) or "auto" (flash when importable on CUDA, else sdpa); `sync_every`: steps between
     host reads of the finished flags (default 1 on CPU, 8 on CUDA); `pack_weights` (default: on CPU in fp32
     where oneDNN runs, eager only) multiplies by pre-packed weight copies (packed_linear: ~2-4x faster
@@ -66,9 +64,8 @@ class FastPairedDecoder:
         self.cuda_graph = cuda if cuda_graph is None else cuda_graph
         if self.cuda_graph and not cuda:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        if overlap is None:
-            overlap = self.reasoner_steps and (cuda or torch.get_num_threads() > 1)
-        self.overlap = overlap
+        self.overlap = self.reasoner_steps and cuda if overlap is None else overlap
+        self._helper = HelperThread("flythinker-reasoner")
         if attention == "auto":
             attention = "flash" if cuda and _flash_attn_available() else "sdpa"
         if attention not in ("sdpa", "flash"):
@@ -175,16 +172,12 @@ class FastPairedDecoder:
             logits = generator(s, kv_len)
             torch.cuda.current_stream().wait_stream(side)
         elif self.overlap and self.device.type == "cpu":
-            # Grad and inference mode are thread-local: the helper runs in the caller's.
-            if self._reasoner_thread is None:
-                self._reasoner_thread = futures.ThreadPoolExecutor(1, thread_name_prefix="flythinker-reasoner")
-            pending = self._reasoner_thread.submit(_in_modes, torch.is_grad_enabled(),
-                                                   torch.is_inference_mode_enabled(), reasoner, s, kv_len)
+            pending = self._helper.submit(reasoner, s, kv_len)
             try:
                 logits = generator(s, kv_len)
             finally:
-                futures.wait([pending])  # the reasoner never writes its cache after the step returned
-            new_latent = pending.result()
+                pending.exception()  # waits (never raises): the reasoner never writes its cache after the step
+            new_latent = pending.result()  # returned; its error, if any, raises here
         else:
             new_latent, logits = reasoner(s, kv_len), generator(s, kv_len)
         if new_latent is not None:
@@ -192,7 +185,6 @@ class FastPairedDecoder:
         post(s, logits)
 
     _capturing = False
-    _reasoner_thread = None
     _side_stream = None
     _parts = None
 
@@ -299,10 +291,13 @@ class FastPairedDecoder:
         self._admit(s, rows, input_ids.to(self.device), attention_mask.to(self.device), seeds.to(self.device))
         step = self._stepper(s)
         longest = int(attention_mask.long().sum(-1).max())
-        for t in range(1, max_new_tokens):
-            if t % self.sync_every == 0 and bool(s.finished[:batch].all()):
-                break
-            step(min(longest + t, key.max_len))
+        try:
+            for t in range(1, max_new_tokens):
+                if t % self.sync_every == 0 and bool(s.finished[:batch].all()):
+                    break
+                step(min(longest + t, key.max_len))
+        finally:
+            self._helper.stop()
         # Steps run after every row finished (at most sync_every - 1) only wrote into the bin column.
         num_generated = s.counter[:batch].clone()
         n = int(num_generated.max())
@@ -343,34 +338,37 @@ class FastPairedDecoder:
         bound = [0] * n_slots  # host-known upper bound of each slot's position (for kv_len on CPU)
         free = list(range(slots))
         step = self._stepper(s)
-        steps = prefills = 0
-        while queue or any(o is not None for o in owner):
-            while queue and free:
-                group = [queue.pop(0)]
-                while queue and len(group) < min(prefill_batch, len(free)) and \
-                        len(prompts[group[0]]) <= bucket_ratio * len(prompts[queue[0]]):
-                    group.append(queue.pop(0))
-                targets = [free.pop(0) for _ in group]
-                ids, mask = left_pad([prompts[i] for i in group], pad, self.device)
-                self._admit(s, torch.tensor(targets, device=self.device), ids, mask,
-                            torch.tensor([seeds[i] for i in group], device=self.device, dtype=torch.long))
-                prefills += 1
-                for slot, i in zip(targets, group):
-                    owner[slot], bound[slot] = i, len(prompts[i])
-            for _ in range(self.sync_every):
-                step(min(max(bound) + 1, s.key.max_len))  # every fed position is < max(bound) + 1
-                bound = [b + 1 if o is not None else b for b, o in zip(bound, owner)]
-                steps += 1
-            finished = s.finished.tolist()  # the one host read per sync_every steps
-            done = [slot for slot, o in enumerate(owner) if o is not None and finished[slot]]
-            if done:
-                counts = s.counter.tolist()
-                out = s.out[done].tolist()
-                for row, slot in zip(out, done):
-                    results[owner[slot]] = row[:counts[slot]]
-                    owner[slot], bound[slot] = None, 0
-                    free.append(slot)
-                free.sort()
+        try:
+            steps = prefills = 0
+            while queue or any(o is not None for o in owner):
+                while queue and free:
+                    group = [queue.pop(0)]
+                    while queue and len(group) < min(prefill_batch, len(free)) and \
+                            len(prompts[group[0]]) <= bucket_ratio * len(prompts[queue[0]]):
+                        group.append(queue.pop(0))
+                    targets = [free.pop(0) for _ in group]
+                    ids, mask = left_pad([prompts[i] for i in group], pad, self.device)
+                    self._admit(s, torch.tensor(targets, device=self.device), ids, mask,
+                                torch.tensor([seeds[i] for i in group], device=self.device, dtype=torch.long))
+                    prefills += 1
+                    for slot, i in zip(targets, group):
+                        owner[slot], bound[slot] = i, len(prompts[i])
+                for _ in range(self.sync_every):
+                    step(min(max(bound) + 1, s.key.max_len))  # every fed position is < max(bound) + 1
+                    bound = [b + 1 if o is not None else b for b, o in zip(bound, owner)]
+                    steps += 1
+                finished = s.finished.tolist()  # the one host read per sync_every steps
+                done = [slot for slot, o in enumerate(owner) if o is not None and finished[slot]]
+                if done:
+                    counts = s.counter.tolist()
+                    out = s.out[done].tolist()
+                    for row, slot in zip(out, done):
+                        results[owner[slot]] = row[:counts[slot]]
+                        owner[slot], bound[slot] = None, 0
+                        free.append(slot)
+                    free.sort()
+        finally:
+            self._helper.stop()
         return results, {"steps": steps, "prefills": prefills, "slots": slots}
 
     # ---- helpers ------------------------------------------------------------------------------------------
@@ -392,8 +390,3 @@ class FastPairedDecoder:
             s.step_fn = self._build_step(s)
         return s.step_fn
 
-
-def _in_modes(grad: bool, inference: bool, fn, *args):
-    """fn(*args) under the given grad / inference mode (a helper thread starts with grad on)."""
-    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-        return fn(*args)

@@ -162,11 +162,16 @@ def test_step_traces_as_one_graph_without_host_syncs():
     torch.testing.assert_close(eager.logits, compiled.logits, atol=1e-5, rtol=1e-5)
 
 
+def helper_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("flythinker-reasoner")]
+
+
 def test_cpu_overlap_runs_the_reasoner_in_a_helper_thread_with_the_same_outputs(monkeypatch):
-    """overlap on CPU: every step's reasoner part runs in a helper thread while the generator runs in the
-    caller's; tokens and logits equal the sequential step's, also under inference_mode (thread-local, so
-    the helper must adopt it: an in-place write to an inference tensor outside it raises), and an error
-    in the reasoner reaches the caller."""
+    """overlap on CPU (opt-in): every step's reasoner part runs in a helper thread while the generator runs
+    in the caller's; tokens and logits equal the sequential step's, also under inference_mode (thread-local,
+    so the helper must adopt it: an in-place write to an inference tensor outside it raises); the helper
+    ends with the call (an idle one slowed later CPU work), also in generate_many and on an error, and an
+    error in the reasoner reaches the caller."""
     generator, reasoner, tok = make_pair()
     model = FlyThinker(generator, reasoner, lam=1.0)
     torch.manual_seed(7)
@@ -179,12 +184,14 @@ def test_cpu_overlap_runs_the_reasoner_in_a_helper_thread_with_the_same_outputs(
         return real(self, s, kv_len)
 
     monkeypatch.setattr(FastPairedDecoder, "_reasoner_part", recorded)
-    sequential = FastPairedDecoder(model, overlap=False).generate(ids, mask, **kwargs)
+    assert FastPairedDecoder(model).overlap is False  # CPU default: sequential (slower overlapped on 2 cores)
+    sequential = FastPairedDecoder(model).generate(ids, mask, **kwargs)
     assert threads and set(threads) == {threading.get_ident()}
     threads.clear()
     with torch.inference_mode():
         overlapped = FastPairedDecoder(model, overlap=True).generate(ids, mask, **kwargs)
     assert len(threads) == 7 and threading.get_ident() not in threads  # 8 tokens: 1 from prefill, 7 steps
+    assert helper_threads() == []
     assert torch.equal(sequential.sequences, overlapped.sequences)
     torch.testing.assert_close(sequential.logits, overlapped.logits, atol=1e-5, rtol=1e-5)
     assert FastPairedDecoder(FlyThinker(generator, None)).overlap is False  # nothing to overlap
@@ -192,9 +199,18 @@ def test_cpu_overlap_runs_the_reasoner_in_a_helper_thread_with_the_same_outputs(
     def broken(self, s, kv_len=None):
         raise RuntimeError("reasoner failed")
 
+    prompts = [[int(t) for t in row[m.bool()]] for row, m in zip(ids, mask)]
+    threads.clear()
+    decoder = FastPairedDecoder(model, overlap=True)
+    many, _ = decoder.generate_many(prompts, [4, 5, 6], max_new_tokens=8, temperature=0.8, top_p=0.9, slots=2)
+    assert threads and threading.get_ident() not in threads and helper_threads() == []
+    assert many == FastPairedDecoder(model).generate_many(prompts, [4, 5, 6], max_new_tokens=8, temperature=0.8,
+                                                          top_p=0.9, slots=2)[0]
+
     monkeypatch.setattr(FastPairedDecoder, "_reasoner_part", broken)
     with pytest.raises(RuntimeError, match="reasoner failed"):
-        FastPairedDecoder(model, overlap=True).generate(ids, mask, **kwargs)
+        decoder.generate(ids, mask, **kwargs)
+    assert helper_threads() == []
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])

@@ -25,6 +25,7 @@ Seed contract: flythinker_worker.sampling (counter-based noise per row seed and 
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from .cpu_overlap import HelperThread
@@ -176,8 +177,8 @@ class FastPairedDecoder:
             try:
                 logits = generator(s, kv_len)
             finally:
-                pending.exception()  # waits (never raises): the reasoner never writes its cache after the step
-            new_latent = pending.result()  # returned; its error, if any, raises here
+                pending.exception()  # wait, never raise: no reasoner cache write may outlive the step
+            new_latent = pending.result()  # a reasoner error raises here
         else:
             new_latent, logits = reasoner(s, kv_len), generator(s, kv_len)
         if new_latent is not None:

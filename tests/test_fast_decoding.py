@@ -196,9 +196,6 @@ def test_cpu_overlap_runs_the_reasoner_in_a_helper_thread_with_the_same_outputs(
     torch.testing.assert_close(sequential.logits, overlapped.logits, atol=1e-5, rtol=1e-5)
     assert FastPairedDecoder(FlyThinker(generator, None)).overlap is False  # nothing to overlap
 
-    def broken(self, s, kv_len=None):
-        raise RuntimeError("reasoner failed")
-
     prompts = [[int(t) for t in row[m.bool()]] for row, m in zip(ids, mask)]
     threads.clear()
     decoder = FastPairedDecoder(model, overlap=True)
@@ -206,6 +203,9 @@ def test_cpu_overlap_runs_the_reasoner_in_a_helper_thread_with_the_same_outputs(
     assert threads and threading.get_ident() not in threads and helper_threads() == []
     assert many == FastPairedDecoder(model).generate_many(prompts, [4, 5, 6], max_new_tokens=8, temperature=0.8,
                                                           top_p=0.9, slots=2)[0]
+
+    def broken(self, s, kv_len=None):
+        raise RuntimeError("reasoner failed")
 
     monkeypatch.setattr(FastPairedDecoder, "_reasoner_part", broken)
     with pytest.raises(RuntimeError, match="reasoner failed"):

@@ -8,6 +8,7 @@ instead of 2.1 s) until it ended, so it lives for one decoder call only (`stop`)
 
 from __future__ import annotations
 
+import functools
 from concurrent import futures
 
 import torch
@@ -36,6 +37,17 @@ class HelperThread:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def stops_helper(method):
+    """Decorate a decoder method so that the decoder's `_helper` ends when the method returns or raises."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._helper.stop()
+    return wrapper
 
 
 def _in_modes(grad: bool, inference: bool, fn, *args):

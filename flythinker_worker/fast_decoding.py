@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from .cpu_overlap import HelperThread
+from .cpu_overlap import HelperThread, stops_helper
 from .decode_common import GenerateOutput, check_sampling, hf_prefill, left_pad
 from .decode_session import Session, SessionKey, restore, snapshot
 from .model import FlyThinker, Positions
@@ -65,7 +65,7 @@ class FastPairedDecoder:
         self.cuda_graph = cuda if cuda_graph is None else cuda_graph
         if self.cuda_graph and not cuda:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.overlap = self.reasoner_steps and cuda if overlap is None else overlap
+        self.overlap = (cuda and self.reasoner_steps) if overlap is None else overlap
         self._helper = HelperThread("flythinker-reasoner")
         if attention == "auto":
             attention = "flash" if cuda and _flash_attn_available() else "sdpa"
@@ -271,6 +271,7 @@ class FastPairedDecoder:
 
     # ---- public API ---------------------------------------------------------------------------------------
 
+    @stops_helper
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -292,13 +293,10 @@ class FastPairedDecoder:
         self._admit(s, rows, input_ids.to(self.device), attention_mask.to(self.device), seeds.to(self.device))
         step = self._stepper(s)
         longest = int(attention_mask.long().sum(-1).max())
-        try:
-            for t in range(1, max_new_tokens):
-                if t % self.sync_every == 0 and bool(s.finished[:batch].all()):
-                    break
-                step(min(longest + t, key.max_len))
-        finally:
-            self._helper.stop()
+        for t in range(1, max_new_tokens):
+            if t % self.sync_every == 0 and bool(s.finished[:batch].all()):
+                break
+            step(min(longest + t, key.max_len))
         # Steps run after every row finished (at most sync_every - 1) only wrote into the bin column.
         num_generated = s.counter[:batch].clone()
         n = int(num_generated.max())
@@ -306,6 +304,7 @@ class FastPairedDecoder:
         logits = s.logits[:batch, :n].clone() if output_logits else None
         return GenerateOutput(sequences=sequences, num_generated=num_generated, logits=logits)
 
+    @stops_helper
     @torch.no_grad()
     def generate_many(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int = 256,
                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -339,37 +338,34 @@ class FastPairedDecoder:
         bound = [0] * n_slots  # host-known upper bound of each slot's position (for kv_len on CPU)
         free = list(range(slots))
         step = self._stepper(s)
-        try:
-            steps = prefills = 0
-            while queue or any(o is not None for o in owner):
-                while queue and free:
-                    group = [queue.pop(0)]
-                    while queue and len(group) < min(prefill_batch, len(free)) and \
-                            len(prompts[group[0]]) <= bucket_ratio * len(prompts[queue[0]]):
-                        group.append(queue.pop(0))
-                    targets = [free.pop(0) for _ in group]
-                    ids, mask = left_pad([prompts[i] for i in group], pad, self.device)
-                    self._admit(s, torch.tensor(targets, device=self.device), ids, mask,
-                                torch.tensor([seeds[i] for i in group], device=self.device, dtype=torch.long))
-                    prefills += 1
-                    for slot, i in zip(targets, group):
-                        owner[slot], bound[slot] = i, len(prompts[i])
-                for _ in range(self.sync_every):
-                    step(min(max(bound) + 1, s.key.max_len))  # every fed position is < max(bound) + 1
-                    bound = [b + 1 if o is not None else b for b, o in zip(bound, owner)]
-                    steps += 1
-                finished = s.finished.tolist()  # the one host read per sync_every steps
-                done = [slot for slot, o in enumerate(owner) if o is not None and finished[slot]]
-                if done:
-                    counts = s.counter.tolist()
-                    out = s.out[done].tolist()
-                    for row, slot in zip(out, done):
-                        results[owner[slot]] = row[:counts[slot]]
-                        owner[slot], bound[slot] = None, 0
-                        free.append(slot)
-                    free.sort()
-        finally:
-            self._helper.stop()
+        steps = prefills = 0
+        while queue or any(o is not None for o in owner):
+            while queue and free:
+                group = [queue.pop(0)]
+                while queue and len(group) < min(prefill_batch, len(free)) and \
+                        len(prompts[group[0]]) <= bucket_ratio * len(prompts[queue[0]]):
+                    group.append(queue.pop(0))
+                targets = [free.pop(0) for _ in group]
+                ids, mask = left_pad([prompts[i] for i in group], pad, self.device)
+                self._admit(s, torch.tensor(targets, device=self.device), ids, mask,
+                            torch.tensor([seeds[i] for i in group], device=self.device, dtype=torch.long))
+                prefills += 1
+                for slot, i in zip(targets, group):
+                    owner[slot], bound[slot] = i, len(prompts[i])
+            for _ in range(self.sync_every):
+                step(min(max(bound) + 1, s.key.max_len))  # every fed position is < max(bound) + 1
+                bound = [b + 1 if o is not None else b for b, o in zip(bound, owner)]
+                steps += 1
+            finished = s.finished.tolist()  # the one host read per sync_every steps
+            done = [slot for slot, o in enumerate(owner) if o is not None and finished[slot]]
+            if done:
+                counts = s.counter.tolist()
+                out = s.out[done].tolist()
+                for row, slot in zip(out, done):
+                    results[owner[slot]] = row[:counts[slot]]
+                    owner[slot], bound[slot] = None, 0
+                    free.append(slot)
+                free.sort()
         return results, {"steps": steps, "prefills": prefills, "slots": slots}
 
     # ---- helpers ------------------------------------------------------------------------------------------
@@ -390,4 +386,3 @@ class FastPairedDecoder:
         if s.step_fn is None:
             s.step_fn = self._build_step(s)
         return s.step_fn
-

@@ -23,7 +23,8 @@ card's HBM bandwidth (--hbm-gbps, default from the device name). On a shared mac
 --continuous: 32 prompts of mixed lengths (16..128 tokens), sampled, with an EOS set that makes rows stop
 at geometric-like lengths (capped at --cb-new-tokens): padded static batches of --cb-slots (the new
 decoder's `generate`, in arrival order) against continuous batching (`generate_many`, same slot count);
-the outputs must be equal row by row (the seed contract), and the time ratio is printed.
+the outputs must be equal row by row (the seed contract; exact in fp32, while in bf16 on CUDA kernels
+chosen by batch shape round differently and a near-tie can flip a token), and the time ratio is printed.
 """
 
 from __future__ import annotations

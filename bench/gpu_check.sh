@@ -32,7 +32,7 @@ fi
 
 # ==== decode ================================================================================================
 # Expected: ~5-7 min on one H100 (random init on the GPU takes seconds; the slow parts are today's decoder
-# at ~22 tok/s and the first torch.compile + CUDA-graph capture of the 60-layer paired step, ~1-2 min).
+# at ~22 tok/s and torch.compile: one decoder layer per model and batch size, plus the sampler).
 # 1. CUDA tests of the fast decoder (teacher forcing fp32/bf16, graphs, overlap, continuous batching,
 #    device-independent sampling, flash-attn and vLLM when installed; they skip otherwise).
 # 2. 3B + 0.5B-shaped random-init pair, bf16, batch 1 and 8, 128 new tokens: new vs today's HF per-step

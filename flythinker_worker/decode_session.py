@@ -20,8 +20,9 @@ class SessionKey:
     top_p: float
     eos: tuple
     pad: int
-    max_new: int
+    max_new: int  # the output buffers' width (a call's own limit is Session.limit)
     output_logits: bool
+    lam: float  # baked into a captured graph: a changed model.lam needs a new session
 
 
 class Session:
@@ -37,12 +38,14 @@ class Session:
             if decoder.reasoner_steps else None
         d_g = model.generator.get_input_embeddings().weight.shape[1]
         long = dict(device=device, dtype=torch.long)
+        self.rows = torch.arange(n, **long)
         self.tokens = torch.zeros(n, **long)  # the token each slot feeds next
         self.pos = torch.zeros(n, **long)  # its position = cache index
         self.seeds = torch.zeros(n, **long)
         self.counter = torch.zeros(n, **long)  # tokens sampled so far (= the next sample's index k)
         self.finished = torch.ones(n, device=device, dtype=torch.bool)  # idle slots count as finished
         self.latent = torch.zeros(n, 1, d_g, device=device, dtype=dtype)  # fit(r_{t-1})
+        self.limit = torch.tensor(key.max_new, **long)  # this call's max_new_tokens (<= key.max_new)
         self.out = torch.full((n, key.max_new + 1), key.pad, **long)  # column max_new: a bin for done rows
         self.eos = torch.tensor(key.eos or [-1], **long)
         self.logits = torch.zeros(n, key.max_new + 1, model.generator.config.vocab_size, device=device,
@@ -62,22 +65,15 @@ class Session:
 
 
 def snapshot(s: Session) -> dict:
-    """Copies of every buffer a step writes (to replay a step, e.g. around CUDA-graph warm-up)."""
+    """Copies of the state a step advances (to undo steps, e.g. the warm-up and capture of a CUDA graph).
+    The KV caches are not copied: a step writes slot b's K/V at index pos[b] and then reads indices
+    <= pos[b] only, so whatever undone steps wrote at indices >= the restored pos is overwritten before
+    it is read. (Copying them would double the caches' memory at capture time.)"""
     names = ("tokens", "pos", "seeds", "counter", "finished", "latent", "out", "logits")
-    snap = {n: getattr(s, n).clone() for n in names if getattr(s, n) is not None}
-    for lm_name in ("generator", "reasoner"):
-        lm = getattr(s, lm_name)
-        if lm is not None:
-            snap[lm_name] = {k: v.clone() for k, v in lm.named_buffers() if k[0] in "kv"}
-    return snap
+    return {n: getattr(s, n).clone() for n in names if getattr(s, n) is not None}
 
 
 def restore(s: Session, snap: dict) -> None:
     """Write a `snapshot` back into the session's buffers in place (graph pointers stay valid)."""
     for name, value in snap.items():
-        if isinstance(value, dict):
-            buffers = dict(getattr(s, name).named_buffers())
-            for k, v in value.items():
-                buffers[k].copy_(v)
-        else:
-            getattr(s, name).copy_(value)
+        getattr(s, name).copy_(value)

@@ -34,7 +34,7 @@ from .decode_session import Session, SessionKey, restore, snapshot
 from .model import FlyThinker, Positions
 from .packed_linear import PackedLM, packing_available
 from .sampling import row_seed_tensor, sample_tokens
-from .static_lm import _flash_attn_available, unsupported_reason
+from .static_lm import _flash_attn_available, decode_layer, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,14 @@ class FastPairedDecoder:
     """Static-cache, sync-free lock-step decoding of a `FlyThinker` (same outputs as `PairedDecoder`'s
     reference backend for greedy decoding; sampling follows the seed contract in flythinker_worker.sampling).
 
-    `compile` (default: on CUDA) runs the step through `torch.compile`; `cuda_graph` (default: on CUDA)
-    captures the whole step (reasoner + generator + sampler + state updates) as one CUDA graph and
-    replays it; `overlap` (default: with a reasoner, on CUDA) runs the reasoner concurrently with the
-    generator: on a side stream inside that graph, or on CPU (opt-in: slower on 2 cores) in a helper
-    thread (cpu_overlap); `attention` is "sdpa", "flash" (flash-attn's kvcache
-    kernel, CUDA only) or "auto" (flash when importable on CUDA, else sdpa); `sync_every`: steps between
-    host reads of the finished flags (default 1 on CPU, 8 on CUDA); `pack_weights` (default: on CPU in fp32
-    where oneDNN runs, eager only) multiplies by pre-packed weight copies (packed_linear: ~2-4x faster
-    skinny GEMMs on CPU, one extra copy of the weights in memory)."""
+    `compile` (default: on CUDA) compiles a decoder layer and the sampler; `cuda_graph` (default: on CUDA)
+    captures the whole step (reasoner + generator + sampler + state updates) as one CUDA graph and replays it;
+    `overlap` (default: with a reasoner, on CUDA) runs the reasoner concurrently with the generator: on a
+    side stream inside that graph, or on CPU (opt-in: slower on 2 cores) in a helper thread (cpu_overlap);
+    `attention`: "sdpa", "flash" (flash-attn's kvcache kernel: CUDA, fp16/bf16) or "auto" (flash where it
+    runs and imports, else sdpa); `sync_every`: steps between host reads of the finished flags (default 1
+    on CPU, 8 on CUDA); `pack_weights` (default: on CPU in fp32 where oneDNN runs, eager only) multiplies by
+    pre-packed weight copies (packed_linear: ~2-4x faster skinny GEMMs on CPU, one more copy of the weights)."""
 
     def __init__(self, model: FlyThinker, *, compile: bool | None = None, cuda_graph: bool | None = None,
                  overlap: bool | None = None, attention: str = "auto", sync_every: int | None = None,
@@ -67,12 +66,14 @@ class FastPairedDecoder:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.overlap = (cuda and self.reasoner_steps) if overlap is None else overlap
         self._helper = HelperThread("flythinker-reasoner")
+        half = self.dtype in (torch.float16, torch.bfloat16)  # the only dtypes flash-attn takes
         if attention == "auto":
-            attention = "flash" if cuda and _flash_attn_available() else "sdpa"
+            attention = "flash" if cuda and half and _flash_attn_available() else "sdpa"
         if attention not in ("sdpa", "flash"):
             raise ValueError(f"attention must be auto, sdpa or flash, got {attention!r}")
-        if attention == "flash" and not cuda:
-            raise ValueError("attention='flash' needs CUDA (flash-attn)")
+        if attention == "flash" and not (cuda and half):
+            raise ValueError(f"attention='flash' needs CUDA and fp16/bf16 weights (flash-attn), got "
+                             f"{self.device.type} {self.dtype}")
         self.attention = attention
         self.sync_every = sync_every or (8 if cuda else 1)
         can_pack = self.device.type == "cpu" and not self.compile and attention == "sdpa" and \
@@ -83,6 +84,7 @@ class FastPairedDecoder:
         self._packed: dict[str, PackedLM] = {}
         self._session: Session | None = None
         self.scale = None
+        self._side_stream, self._parts = None, None  # set per session by _build_step
 
     @property
     def reasoner_steps(self) -> bool:
@@ -105,7 +107,9 @@ class FastPairedDecoder:
         if self._session is not None and self._session.key == key:
             self._session.reset()
             return self._session
-        self._session = None  # free the old buffers (and graph) first
+        if self._session is not None:  # free the old buffers and graph first (step_fn refers back to them)
+            self._session.step_fn = self._session.graph = None
+        self._session = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         session = Session(self, key, self.device, self.dtype)
@@ -119,22 +123,20 @@ class FastPairedDecoder:
         finished, counter = take(s.finished), take(s.counter)
         nxt = sample_tokens(logits, take(s.seeds), counter, key.temperature, key.top_k, key.top_p,
                             s.vocab_keys)
-        column = torch.where(finished, key.max_new, counter)[:, None]
+        column = torch.where(finished, key.max_new, counter)  # (n,); column max_new: the bin of done rows
         counter = counter + (~finished).long()
-        done = finished | (nxt[:, None] == s.eos[None, :]).any(-1) | (counter >= key.max_new)
+        done = finished | (nxt[:, None] == s.eos[None, :]).any(-1) | (counter >= s.limit)
         nxt = torch.where(finished, key.pad, nxt)
+        # index_put writes: inductor compiles them in place (a scatter_ becomes a clone of the whole buffer)
+        at = s.rows if rows is None else rows
+        s.out[at, column] = nxt
+        if s.logits is not None:
+            s.logits[at, column] = logits.float()
         if rows is None:
-            s.out.scatter_(1, column, nxt[:, None])
-            if s.logits is not None:
-                s.logits.scatter_(1, column[:, :, None].expand(-1, 1, logits.shape[-1]), logits.float()[:, None])
             s.counter.copy_(counter)
             s.finished.copy_(done)
             s.tokens.copy_(nxt)
         else:
-            s.out[rows] = s.out[rows].scatter(1, column, nxt[:, None])
-            if s.logits is not None:
-                s.logits[rows] = s.logits[rows].scatter(
-                    1, column[:, :, None].expand(-1, 1, logits.shape[-1]), logits.float()[:, None])
             s.counter[rows], s.finished[rows], s.tokens[rows] = counter, done, nxt
 
     def _reasoner_part(self, s: Session, kv_len: int | None = None) -> torch.Tensor:
@@ -163,7 +165,7 @@ class FastPairedDecoder:
         generator reads fit(r_{t-1}) from s.latent, the reasoner produces fit(r_t)), so with `overlap`
         the reasoner runs concurrently: on a side stream inside a CUDA graph, in a helper thread on CPU."""
         reasoner, generator, post = self._parts
-        side = self._side_stream if self._capturing else None
+        side = self._side_stream
         if s.reasoner is None:
             new_latent, logits = None, generator(s, kv_len)
         elif side is not None:
@@ -185,23 +187,31 @@ class FastPairedDecoder:
             s.latent.copy_(new_latent)
         post(s, logits)
 
-    _capturing = False
-    _side_stream = None
-    _parts = None
-
     def _build_step(self, s: Session):
-        """The step as a callable(kv_len): eager, or with compiled parts, and/or captured as one CUDA
+        """The step as a callable(kv_len): eager, or with compiled units, and/or captured as one CUDA
         graph (reasoner + generator + sampler + state updates; the reasoner on a side stream when
         `overlap`)."""
         parts = (self._reasoner_part, self._generator_part, self._post_part)
         if self.compile:
-            fullgraph = self.attention == "sdpa"
-            parts = tuple(torch.compile(p, backend=self.compile_backend, fullgraph=fullgraph, dynamic=False)
-                          for p in parts)
+            # Compiled units: one decoder layer (static_lm.decode_layer; one graph serves every layer of a
+            # model, so compile time does not grow with depth) and the sampler + state update. The glue
+            # (embedding lookups, the latent fit, the LM head) stays eager: under a CUDA graph it costs no
+            # host time. Each model, session shape and sampling setting adds a compiled entry to the same
+            # functions; past torch's default of 8 per function (process-wide) a fullgraph compile raises.
+            if torch._dynamo.config.recompile_limit < 64:
+                logger.info("raising torch._dynamo.config.recompile_limit to 64 for the decode step")
+                torch._dynamo.config.recompile_limit = 64
+            options = dict(backend=self.compile_backend, dynamic=False)
+            layer_fn = torch.compile(decode_layer, fullgraph=self.attention == "sdpa", **options)
+            for lm in (s.generator, s.reasoner):
+                if lm is not None:
+                    lm.layer_fn = layer_fn
+            parts = parts[:2] + (torch.compile(self._post_part, fullgraph=True, **options),)
         self._parts = parts
         if not self.cuda_graph:
             return lambda kv_len: self._step_impl(s, None if self.compile else kv_len)
         saved = snapshot(s)
+        # The side stream is used in warm-up too, so that its cuBLAS workspace exists before capture.
         self._side_stream = torch.cuda.Stream(self.device) if self.overlap else None
         warm = torch.cuda.Stream(self.device)
         warm.wait_stream(torch.cuda.current_stream())
@@ -210,12 +220,8 @@ class FastPairedDecoder:
                 self._step_impl(s)
         torch.cuda.current_stream().wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        self._capturing = True
-        try:
-            with torch.cuda.graph(graph):
-                self._step_impl(s)
-        finally:
-            self._capturing = False
+        with torch.cuda.graph(graph):
+            self._step_impl(s)
         restore(s, saved)  # warm-up and capture ran real steps: put the state back
         s.graph = graph
         return lambda kv_len: graph.replay()
@@ -242,7 +248,7 @@ class FastPairedDecoder:
             s.logits[slots] = 0
         self._advance(s, logits, slots)
 
-    def _prepare(self, key: SessionKey) -> Session:
+    def _prepare(self, key: SessionKey, max_new: int) -> Session:
         # s is recomputed every call (weights may have been replaced in place, e.g. a weight sync) and
         # copied into one tensor, whose address the captured graph keeps.
         from .model import embedding_scale
@@ -253,6 +259,7 @@ class FastPairedDecoder:
         else:
             self.scale.copy_(scale)
         session = self._session_for(key)
+        session.limit.fill_(max_new)  # this call's length limit (the key's max_new may be rounded up)
         if self.pack_weights:
             self._repack()
             session.generator.packed = self._packed["generator"]
@@ -288,7 +295,7 @@ class FastPairedDecoder:
         seeds = row_seed_tensor(seed, batch, input_ids.device)
         key = self._key(batch, width + max_new_tokens, temperature, top_k, top_p, eos, pad, max_new_tokens,
                         output_logits)
-        s = self._prepare(key)
+        s = self._prepare(key, max_new_tokens)
         rows = torch.arange(batch, device=self.device)
         self._admit(s, rows, input_ids.to(self.device), attention_mask.to(self.device), seeds.to(self.device))
         step = self._stepper(s)
@@ -330,7 +337,7 @@ class FastPairedDecoder:
         longest = max(len(p) for p in prompts)
         key = self._key(slots, longest + max_new_tokens, temperature, top_k, top_p, eos, pad, max_new_tokens,
                         False)
-        s = self._prepare(key)
+        s = self._prepare(key, max_new_tokens)
         n_slots = s.key.slots
         queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[list[int] | None] = [None] * len(prompts)
@@ -371,15 +378,17 @@ class FastPairedDecoder:
     # ---- helpers ------------------------------------------------------------------------------------------
 
     def _key(self, slots, max_len, temperature, top_k, top_p, eos, pad, max_new, output_logits) -> SessionKey:
-        if self.cuda_graph:  # round up so that graphs and buffers are reused across calls
+        if self.cuda_graph:  # round up so that graphs, compiled code and buffers are reused across calls
             slots = 1 << (slots - 1).bit_length()
             max_len = -(-max_len // 256) * 256
+            if not output_logits:  # (the logits buffer is slots x max_new x vocab: never larger than asked)
+                max_new = -(-max_new // 256) * 256
             if self._session is not None:
                 old = self._session.key
-                if old.slots >= slots and old.max_len >= max_len:
-                    slots, max_len = old.slots, old.max_len
+                if old.slots >= slots and old.max_len >= max_len and old.max_new >= max_new:
+                    slots, max_len, max_new = old.slots, old.max_len, old.max_new
         return SessionKey(slots, max_len, float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos),
-                    int(pad), int(max_new), bool(output_logits))
+                          int(pad), int(max_new), bool(output_logits), float(self.model.lam))
 
     def _stepper(self, s: Session):
         """A callable(kv_len) running one step; kv_len bounds the attended cache on the eager path."""

@@ -114,9 +114,6 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, counters: torch.Ten
     return (scores + gumbel).argmax(dim=-1)
 
 
-# ---- which models the static path supports ------------------------------------------------------------------
-
-
 def row_seed_tensor(seed, batch: int, device) -> torch.Tensor:
     """(batch,) long row seeds: a list gives row i seed[i]; one int gives row i `seed + i`; None, i."""
     if isinstance(seed, (list, tuple)):

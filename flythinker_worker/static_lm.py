@@ -60,6 +60,7 @@ class StaticLM(torch.nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.attention = attention
         self.packed = None  # a packed_linear.PackedLM (CPU decode), set per call by the decoder
+        self.layer_fn = decode_layer  # or a torch.compile of it, set by the decoder
         self._views = None  # per-layer cache views for the packed step (`_cache_views`)
         self.slots, self.max_len = slots, max_len
         weight = self.embed.weight
@@ -77,6 +78,7 @@ class StaticLM(torch.nn.Module):
         half = self.head_dim // 2
         self.register_buffer("sin_signed", torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1))
         self.register_buffer("arange", torch.arange(max_len, device=weight.device))
+        self.register_buffer("rows", torch.arange(slots, device=weight.device))
 
     def cache(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
@@ -106,43 +108,17 @@ class StaticLM(torch.nn.Module):
         """embeds (B, 1, d) of the fed tokens, pos (B,) their positions (= cache indices). Writes their K/V
         and returns the final-norm hidden states (B, 1, d). `kv_len`: attend over the first kv_len cache
         entries only (an upper bound of every pos + 1; None: all)."""
-        batch = embeds.shape[0]
         kv_len = kv_len or self.max_len
         if self.packed is not None:
             return self._forward_packed(embeds, pos, kv_len)
         cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # (B, 1, 1, D)
         if self.attention == "sdpa":
-            mask = (self.arange[:kv_len][None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
-            index = pos[:, None, None, None].expand(batch, self.n_kv, 1, self.head_dim)
+            visible = (self.arange[:kv_len][None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
         else:
-            seqlens = pos.to(torch.int32)
+            visible = pos.to(torch.int32)  # flash-attn's cache_seqlens
         x = embeds
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, 1, -1, self.head_dim)
-            k = attn.k_proj(h).view(batch, 1, -1, self.head_dim)
-            v = attn.v_proj(h).view(batch, 1, -1, self.head_dim)
-            if hasattr(attn, "q_norm"):  # qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, 1, D)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            k_cache, v_cache = self.cache(i)
-            if self.attention == "sdpa":
-                k_cache.scatter_(2, index, k)
-                v_cache.scatter_(2, index, v.transpose(1, 2))
-                out = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
-                                                     attn_mask=mask, scale=attn.scaling,
-                                                     enable_gqa=self.n_kv != self.n_heads)
-                out = out.transpose(1, 2).reshape(batch, 1, -1)
-            else:  # flash-attn: appends k/v at cache_seqlens per row, attends to [0, cache_seqlens]
-                from flash_attn import flash_attn_with_kvcache
-
-                out = flash_attn_with_kvcache(q.transpose(1, 2), k_cache, v_cache, k=k.transpose(1, 2), v=v,
-                                              cache_seqlens=seqlens, softmax_scale=attn.scaling, causal=True)
-                out = out.reshape(batch, 1, -1)
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self.layer_fn(self, layer, x, *self.cache(i), pos, cos, sin, visible)
         return self.norm(x)
 
     @torch.no_grad()  # inference only; and the cached cache views must never meet grad-mode writes
@@ -190,6 +166,45 @@ class StaticLM(torch.nn.Module):
                             v.view(rows, self.max_len, self.head_dim))
                            for k, v in (self.cache(i) for i in range(len(self.layers)))]
         return self._views
+
+
+def decode_layer(lm: StaticLM, layer, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """One HF decoder layer of `lm` for one token per slot: x (B, 1, d) -> (B, 1, d); writes K/V at index
+    pos[b] of slot b. cos/sin (B, 1, 1, D); `visible`: the attended entries (B, 1, 1, L) (sdpa) or the int32
+    cache lengths (flash). The unit that `torch.compile` compiles: every layer of a model has the same
+    shapes, so one compiled graph serves them all (compile time does not grow with depth)."""
+    batch, dim = x.shape[0], lm.head_dim
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(batch, 1, -1, dim)
+    k = attn.k_proj(h).view(batch, 1, -1, dim)
+    v = attn.v_proj(h).view(batch, 1, -1, dim)
+    if hasattr(attn, "q_norm"):  # qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, 1, D)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if lm.attention == "sdpa":
+        # An index_put, not scatter_: inductor makes it an in-place write of B columns, while it compiles a
+        # scatter_ into a clone and copy-back of the whole cache (every layer, every step).
+        k_cache[lm.rows[:batch], :, pos] = k[:, :, 0]  # (B, kv, D) into column pos[b] of slot b
+        v_cache[lm.rows[:batch], :, pos] = v[:, 0]
+        # Grouped-query attention as kv "heads" of `group` queries each (query head h reads kv head
+        # h // group, as HF's repeat_kv): no K/V repeat, and the mask is accepted by SDPA's memory-efficient
+        # CUDA kernel (enable_gqa would leave only the math kernel with a mask).
+        kv_len = visible.shape[-1]
+        out = F.scaled_dot_product_attention(q.reshape(batch, lm.n_kv, lm.n_heads // lm.n_kv, dim),
+                                             k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
+                                             attn_mask=visible, scale=attn.scaling)  # (B, kv, group, D)
+        out = out.reshape(batch, 1, -1)
+    else:  # flash-attn: appends k/v at cache_seqlens per row, attends to [0, cache_seqlens]
+        from flash_attn import flash_attn_with_kvcache
+
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k_cache, v_cache, k=k.transpose(1, 2), v=v,
+                                      cache_seqlens=visible, softmax_scale=attn.scaling, causal=True)
+        out = out.reshape(batch, 1, -1)
+    x = x + attn.o_proj(out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def _rms(norm, x: torch.Tensor) -> torch.Tensor:

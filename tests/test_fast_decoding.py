@@ -157,9 +157,75 @@ def test_step_traces_as_one_graph_without_host_syncs():
     ids, mask = left_padded([torch.randint(VOCAB_LO, len(tok), (n,)) for n in (4, 7)], tok.pad_token_id)
     kwargs = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=[1, 2], output_logits=True)
     eager = FastPairedDecoder(model).generate(ids, mask, **kwargs)
-    compiled = FastPairedDecoder(model, compile=True, compile_backend="aot_eager").generate(ids, mask, **kwargs)
+    decoder = FastPairedDecoder(model, compile=True, compile_backend="aot_eager")
+    compiled = decoder.generate(ids, mask, **kwargs)
     assert torch.equal(eager.sequences, compiled.sequences)
     torch.testing.assert_close(eager.logits, compiled.logits, atol=1e-5, rtol=1e-5)
+    # The compiled units are a decoder layer and the sampler; the eager glue between them (embedding
+    # lookups, the latent fit, the LM head) must be free of host syncs too: each whole part traces as one.
+    for part in (decoder._reasoner_part, decoder._generator_part):
+        torch.compile(part, backend="eager", fullgraph=True, dynamic=False)(decoder._session)
+    # A long-lived process meets many sessions (lengths, batch sizes, models): more than torch's default
+    # of 8 compiled entries per function, past which a fullgraph compile raises.
+    for n in range(2, 12):
+        assert decoder.generate(ids, mask, max_new_tokens=n).sequences.shape[1] == ids.shape[1] + n
+
+
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_steps_undone_without_the_kv_caches_leave_no_trace(monkeypatch, pack_weights):
+    """CUDA-graph warm-up and capture run real steps and then restore the session's state but not its KV
+    caches (decode_session.snapshot): what the undone steps wrote at cache indices >= each row's restored
+    position must be overwritten before it is read. Here every call's first step is preceded by three
+    undone steps: tokens and logits equal an undisturbed decode (also in generate_many)."""
+    from flythinker_worker.decode_session import restore, snapshot
+
+    generator, reasoner, tok = make_pair()
+    model = FlyThinker(generator, reasoner, lam=1.0)
+    torch.manual_seed(8)
+    ids, mask = left_padded([torch.randint(VOCAB_LO, len(tok), (n,)) for n in (6, 3)], tok.pad_token_id)
+    kwargs = dict(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=[1, 2], output_logits=True)
+    prompts = [[int(t) for t in row[m.bool()]] for row, m in zip(ids, mask)]
+    many = dict(max_new_tokens=9, temperature=0.8, top_p=0.9, slots=1)
+    plain = FastPairedDecoder(model, pack_weights=pack_weights)
+    expected, expected_many = plain.generate(ids, mask, **kwargs), plain.generate_many(prompts, [1, 2], **many)[0]
+
+    real = FastPairedDecoder._build_step
+
+    def with_undone_steps(self, s):
+        step, undone = real(self, s), []
+
+        def first_after_undo(kv_len):
+            if not undone:
+                saved = snapshot(s)
+                for _ in range(3):
+                    step(None)
+                restore(s, saved)
+                undone.append(True)
+            step(kv_len)
+        return first_after_undo
+
+    monkeypatch.setattr(FastPairedDecoder, "_build_step", with_undone_steps)
+    decoder = FastPairedDecoder(model, pack_weights=pack_weights)
+    got = decoder.generate(ids, mask, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.equal(got.logits, expected.logits)
+    assert decoder.generate_many(prompts, [1, 2], **many)[0] == expected_many
+
+
+def test_cuda_graph_sessions_are_rounded_up_for_reuse():
+    """With CUDA graphs a session's shapes are rounded up (slots to a power of 2, cache length and max_new to
+    multiples of 256; max_new not with output_logits, whose buffer is slots x max_new x vocab) and a larger
+    existing session is kept, so later calls replay its graph; each call's own max_new_tokens then stops the
+    rows (Session.limit). The rounding rule is host logic, checked here without a GPU."""
+    generator, reasoner, tok = make_pair()
+    decoder = FastPairedDecoder(FlyThinker(generator, reasoner, lam=1.0))
+    decoder.cuda_graph = True  # only _key is exercised: no graph is built
+    key = decoder._key(3, 300, 0.8, 0, 0.9, (2,), 0, 40, False)
+    assert (key.slots, key.max_len, key.max_new, key.lam) == (4, 512, 256, 1.0)
+    assert decoder._key(3, 300, 0.8, 0, 0.9, (2,), 0, 40, True).max_new == 40
+    decoder._session = type("Held", (), {"key": key})()
+    assert decoder._key(2, 100, 0.8, 0, 0.9, (2,), 0, 7, False) == key
+    assert decoder._key(5, 100, 0.8, 0, 0.9, (2,), 0, 7, False).slots == 8
 
 
 def helper_threads() -> list[str]:

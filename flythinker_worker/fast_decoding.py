@@ -383,10 +383,10 @@ class FastPairedDecoder:
             max_len = -(-max_len // 256) * 256
             if not output_logits:  # (the logits buffer is slots x max_new x vocab: never larger than asked)
                 max_new = -(-max_new // 256) * 256
-            if self._session is not None:
+            if self._session is not None:  # grow, never shrink: alternating shapes would recapture each call
                 old = self._session.key
-                if old.slots >= slots and old.max_len >= max_len and old.max_new >= max_new:
-                    slots, max_len, max_new = old.slots, old.max_len, old.max_new
+                slots, max_len = max(slots, old.slots), max(max_len, old.max_len)
+                max_new = max_new if output_logits else max(max_new, old.max_new)
         return SessionKey(slots, max_len, float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos),
                           int(pad), int(max_new), bool(output_logits), float(self.model.lam))
 

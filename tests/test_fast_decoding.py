@@ -214,9 +214,9 @@ def test_steps_undone_without_the_kv_caches_leave_no_trace(monkeypatch, pack_wei
 
 def test_cuda_graph_sessions_are_rounded_up_for_reuse():
     """With CUDA graphs a session's shapes are rounded up (slots to a power of 2, cache length and max_new to
-    multiples of 256; max_new not with output_logits, whose buffer is slots x max_new x vocab) and a larger
-    existing session is kept, so later calls replay its graph; each call's own max_new_tokens then stops the
-    rows (Session.limit). The rounding rule is host logic, checked here without a GPU."""
+    multiples of 256; max_new not with output_logits, whose buffer is slots x max_new x vocab) and never
+    below the current session's, so later calls replay its graph instead of alternating between shapes;
+    each call's own max_new_tokens then stops the rows (Session.limit). Host logic, checked without a GPU."""
     generator, reasoner, tok = make_pair()
     decoder = FastPairedDecoder(FlyThinker(generator, reasoner, lam=1.0))
     decoder.cuda_graph = True  # only _key is exercised: no graph is built
@@ -225,7 +225,8 @@ def test_cuda_graph_sessions_are_rounded_up_for_reuse():
     assert decoder._key(3, 300, 0.8, 0, 0.9, (2,), 0, 40, True).max_new == 40
     decoder._session = type("Held", (), {"key": key})()
     assert decoder._key(2, 100, 0.8, 0, 0.9, (2,), 0, 7, False) == key
-    assert decoder._key(5, 100, 0.8, 0, 0.9, (2,), 0, 7, False).slots == 8
+    grown = decoder._key(5, 100, 0.8, 0, 0.9, (2,), 0, 7, False)  # more slots: grows, keeps the longer cache
+    assert (grown.slots, grown.max_len, grown.max_new) == (8, 512, 256)
 
 
 def helper_threads() -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .model import CONFIG_NAME, PROJECTION_WEIGHTS, FlyThinker, check_checkpoint, stored_reasoner
+
+logger = logging.getLogger(__name__)
 
 
 def check_same_vocabulary(generator_tokenizer, reasoner_tokenizer) -> None:
@@ -148,6 +151,14 @@ class WeightReader:
 
 
 def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of a local model folder or, when `folder` is a hub id (`owner/name`, accepted at
+    start-up only with hub access on), of its snapshot, downloaded here: only rank 0 reads weights, so only
+    it fetches them (configs and tokenizers elsewhere come through from_pretrained)."""
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        logger.info("fetching the safetensors weights of %s from the hub (the HF cache keeps them)", folder)
+        folder = snapshot_download(folder, allow_patterns=["*.safetensors", "*.safetensors.index.json"])
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:

@@ -113,6 +113,12 @@ class FlyThinker(nn.Module):
         self.reasoner = reasoner
         self.lam = float(lam)
         self.vocab_size = vocab_size
+        head = reasoner.get_output_embeddings() if reasoner is not None else None
+        if head is not None and head.weight is not reasoner.get_input_embeddings().weight:
+            # FlyThinker reads the reasoner's hidden states, never its LM head: an untied head gets no
+            # gradient, so a sharded optimizer state has no entry for it and a resume would miss its key.
+            # Frozen, it is still saved and exported.
+            head.weight.requires_grad_(False)
         self.projection = None
         if reasoner is not None and self.projection_kind is Projection.LINEAR:
             d_r, d_g = hidden_size(reasoner), hidden_size(generator)

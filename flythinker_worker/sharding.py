@@ -24,7 +24,9 @@ def init_distributed(device: str) -> torch.device:
     torch_device = local_device(device)
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
+            # On CUDA also gloo for CPU tensors: with fsdp.cpu_offload the shards and gradients live on the
+            # host, and the embedding-norm all-reduce, gradient clipping and full_tensor() gathers run there.
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo",
                                     rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         except dist.DistNetworkError as err:
             if "EADDRINUSE" not in str(err):

@@ -45,6 +45,7 @@ from .sharding import (CHECKPOINTING, StepScale, clip_and_step, compile_blocks, 
                        enable_checkpointing, full_state_dict, load_train_state, no_gradient_sync, param_groups,
                        save_train_state, shard_flythinker)
 from .utils import local_device, resolve_dtype  # noqa: E402
+from .verl_logprobs import token_logprobs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,8 @@ class FlyThinkerEngineConfig(EngineConfig):
     offload_policy: bool = False
     # Reshard decoder layers after forward (the root is never resharded; DESIGN.md section 3).
     reshard_after_forward: bool = True
-    # Reduce-scatter gradients after the last micro-batch only (accumulation micro-batches keep unsharded
-    # gradients: + the pair's params in param dtype per rank, one reduce-scatter per step instead of one
-    # per micro-batch).
+    # Reduce-scatter gradients after the last micro-batch only (until then FSDP2 holds the pair's unsharded
+    # gradients in fp32 on every rank; one reduce-scatter per step instead of one per micro-batch).
     use_no_sync_for_gradient_accumulation: bool = True
     attn_implementation: str = "sdpa"
     # With model.enable_gradient_checkpointing: full | selective (keep matmul/attention outputs, recompute
@@ -183,8 +183,7 @@ class FlyThinkerEngine(BaseEngine):
                 raise ValueError(f"config model.{key}: not supported by the flythinker engine")
         self.model_config, self.engine_config = model_config, engine_config
         self.optimizer_config, self.checkpoint_config, self.mode = optimizer_config, checkpoint_config, None
-        self.rank = dist.get_rank()
-        self.device_type = device or get_device_name()
+        self.rank, self.device_type = dist.get_rank(), device or get_device_name()
         self.device = local_device(self.device_type)
         self.module = self.optimizer = self.lr_scheduler = self.tokenizer = None
 
@@ -303,9 +302,10 @@ class FlyThinkerEngine(BaseEngine):
         elif float(temperature) != 1.0:
             logits = logits / float(temperature)
         next_ids = torch.roll(input_ids.values(), shifts=-1, dims=0)  # a row's last is masked by the loss
+        entropy = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
         model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(
-            verl_F.logprobs_from_logits(logits, next_ids), offsets)}
-        if tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False):
+            token_logprobs(logits, next_ids, inplace_backward=not entropy), offsets)}
+        if entropy:
             model_output["entropy"] = torch.nested.nested_tensor_from_jagged(
                 verl_F.entropy_from_logits(logits), offsets)
         if loss_function is not None:

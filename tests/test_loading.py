@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from flythinker_worker import FlyThinker
 from flythinker_worker.loading import load_flythinker
@@ -42,3 +43,27 @@ def test_a_folder_without_flythinker_json_says_so(checkpoint):
     (checkpoint / "flythinker.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a complete FlyThinker checkpoint: missing flythinker.json"):
         FlyThinker.from_pretrained(checkpoint)
+
+
+def test_rank0_weights_of_a_hub_id_come_from_its_downloaded_snapshot(pair, tmp_path, monkeypatch):
+    """A hub id (`owner/name`, allowed at start-up with hub access on) is not a local folder: rank 0's
+    WeightReader fetches only its safetensors files (huggingface_hub.snapshot_download, stubbed here with a
+    local folder: no network in tests) and reads the same tensors as from the folder itself."""
+    import huggingface_hub
+
+    from flythinker_worker.loading import WeightReader
+
+    generator, _, _ = pair
+    generator.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    reader = WeightReader({"generator.": "owner/tiny-generator"})
+    key = "generator.model.layers.0.mlp.up_proj.weight"
+    weight = generator.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(reader.rows(key, 1, 3), weight[1:3].detach())
+    assert calls == [("owner/tiny-generator", ["*.safetensors", "*.safetensors.index.json"])]

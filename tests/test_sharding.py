@@ -239,3 +239,49 @@ def test_a_taken_master_port_is_a_clear_error(monkeypatch):
         with pytest.raises(RuntimeError, match=f"MASTER_PORT {port} on 127.0.0.1 was taken.*master_port_range"):
             init_distributed("cpu")
     assert not dist.is_initialized()
+
+
+def test_a_sharded_run_with_an_untied_reasoner_head_resumes(monkeypatch, tmp_path):
+    """The reasoner's LM head is never used (FlyThinker reads its hidden states): untied, it is frozen, so the
+    optimizer holds no state for it and a sharded (DCP) train state saved after a step loads into a fresh
+    run, with the step, the weights and the optimizer moments back."""
+    import torch.distributed as dist
+
+    from flythinker_worker.loading import build_on_meta
+    from flythinker_worker.rank0_load import load_from_rank0, materialize
+    from flythinker_worker.sharding import (StepScale, clip_and_step, init_distributed, load_train_state,
+                                            param_groups, save_train_state, shard_flythinker)
+    from flythinker_worker.tiny import tiny_pair
+
+    generator, reasoner, tok = tiny_pair(0, reasoner_overrides=dict(tie_word_embeddings=False))
+    for name, lm in (("generator", generator), ("reasoner", reasoner)):
+        lm.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    single_rank_env(monkeypatch)
+    init_distributed("cpu")
+
+    def build():
+        model, _, reader = build_on_meta(str(tmp_path / "generator"), str(tmp_path / "reasoner"), 0.5, "global",
+                                         "pad")
+        shard_flythinker(model, "cpu", torch.float32, False, True)
+        materialize(model, "cpu")
+        load_from_rank0(model, reader)
+        return model, torch.optim.AdamW(param_groups(model, 1e-3, None, 0.01))
+
+    try:
+        model, optimizer = build()
+        assert not model.reasoner.lm_head.weight.requires_grad
+        ids = torch.randint(3, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
+        with StepScale(model, torch.float32):
+            model(ids, labels=ids).loss.backward()
+        clip_and_step(model, optimizer, 1.0)
+        save_train_state(tmp_path / "state", model, optimizer, None, 1)
+        resumed, resumed_optimizer = build()
+        assert load_train_state(tmp_path / "state", resumed, resumed_optimizer, None) == 1
+        for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+            assert torch.equal(a.full_tensor(), b.full_tensor()), name
+        moments = [s["exp_avg"].full_tensor() for s in optimizer.state.values()]
+        assert len(moments) > 0 and all(torch.equal(a, s["exp_avg"].full_tensor())
+                                        for a, s in zip(moments, resumed_optimizer.state.values()))
+    finally:
+        dist.destroy_process_group()

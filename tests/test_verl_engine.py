@@ -334,3 +334,22 @@ def test_linear_lr_schedule_matches_hf_formula():
     assert seen == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert optimizer.param_groups[0]["lr"] == 0.0
     json.dumps(scheduler.state_dict())  # per-rank state is JSON (no pickles)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_in_pieces_equal_log_softmax(dtype):
+    """The engine's per-token log-probs over several pieces (and a ragged last one) equal log_softmax
+    gathered at the labels, values and gradients."""
+    from flythinker_worker.verl_logprobs import token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(23, 50, generator=gen)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (23,), generator=gen)
+    got = token_logprobs(logits, labels, chunk=5)
+    (got.float() * torch.arange(23)).sum().backward()
+    grad, logits.grad = logits.grad, None
+    want = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
+    (want * torch.arange(23)).sum().backward()
+    tol = 1e-5 if dtype is torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad.float(), logits.grad.float(), atol=tol, rtol=tol)

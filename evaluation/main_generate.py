@@ -7,7 +7,8 @@ One JSON object per row: id, user_id, task, prompt (the user-turn text), predict
 n_tokens (generated tokens, EOS included), seconds (the row's batch wall time / rows in the batch).
 Resumable: rerunning with the same output.path skips the ids already written (a torn last line from a
 crash is repaired), and per-row seeds make every row's sample independent of batching and worker count,
-so an interrupted-and-resumed file equals an uninterrupted one.
+so an interrupted-and-resumed file equals an uninterrupted one: exactly in fp32; in bf16 on GPUs kernels
+picked by batch shape can flip a near-tie, so resume with the same batch size, workers and decoding.slots.
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def _generate(cfg: GenerateConfig, rows: list[dict], todo: list[dict], writer: P
     start = time.perf_counter()
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", dynamic_ncols=True)
     try:
+        # engine auto resolves per worker (vLLM where it imports): a resumed file must keep its sampler.
+        writer.pin("engine_used", sorted({summary["engine"] for summary in group.summaries}))
         for number, begin in enumerate(range(0, len(todo), g.batch_size)):
             if g.max_batches is not None and number >= g.max_batches:
                 print(f"[generate] stopped after generation.max_batches={g.max_batches}; rerun to resume", flush=True)

@@ -39,14 +39,16 @@ class PredictionWriter:
         if settings is None:
             return
         settings = json.loads(json.dumps(settings))  # the JSON view (tuples -> lists) for comparing
+        pinned = {}
         if self.meta_path.exists() and self.path.exists():
             old = json.loads(self.meta_path.read_text())
+            pinned = old.pop("pinned", {})
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:
                 changes = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
                 raise ValueError(f"{self.path} was generated with other settings ({changes}); use another "
                                  "output.path, or output.overwrite=true to start over")
-        write_json_atomic(self.meta_path, settings, sort_keys=True)
+        write_json_atomic(self.meta_path, {**settings, **({"pinned": pinned} if pinned else {})}, sort_keys=True)
 
     def _recover(self) -> set[str]:
         done = set()
@@ -67,6 +69,17 @@ class PredictionWriter:
             self.done.add(record["id"])
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    def pin(self, key: str, value) -> None:
+        """Record a setting known only once generation starts (e.g. the engine the workers resolved) in the
+        meta file; ValueError when rows already written were made with another value."""
+        value = json.loads(json.dumps(value))
+        meta = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
+        pinned = meta.get("pinned", {})
+        if self.done and key in pinned and pinned[key] != value:
+            raise ValueError(f"{self.path} was generated with {key}={pinned[key]!r}, this run resolves "
+                             f"{value!r}; use another output.path, or output.overwrite=true to start over")
+        write_json_atomic(self.meta_path, {**meta, "pinned": {**pinned, key: value}}, sort_keys=True)
 
     def close(self) -> None:
         self._file.close()

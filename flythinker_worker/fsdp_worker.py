@@ -183,6 +183,13 @@ class FlyThinkerTrainWorker(Worker):
         return state if self.rank == 0 else None
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def release_cached_memory(self) -> None:
+        """Hand the CUDA caching allocator's free blocks back (a colocated rollout is about to generate on
+        the same GPU: after a step the activations' blocks stay reserved by this process otherwise)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def weight_bucket_count(self, bucket_mb: float, dtype: str) -> int:
         """How many buckets `get_weight_bucket` splits the weights into (same on every rank)."""
         return len(self._bucket_plan(bucket_mb, dtype))

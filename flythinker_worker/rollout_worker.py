@@ -27,6 +27,7 @@ must be a multiple of the worker count; recipe.rollout pads with filler rows and
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,9 @@ class RolloutConfig:
     model: RolloutModelConfig
     device: str = "cpu"  # cpu | cuda
     decoding: RolloutDecodingConfig = field(default_factory=RolloutDecodingConfig)
+    # Keep the weights on the host between generate calls and free the decoder's device memory after each:
+    # for a rollout colocated with training on the same GPUs (a bf16 7B + 1.5B pair is ~17 GiB per GPU).
+    park_weights: bool = False
 
     def __post_init__(self):
         check(self.device in ("cpu", "cuda"), "trainer.device", f"must be cpu or cuda, got {self.device!r}")
@@ -137,7 +141,11 @@ def generator_folder(cfg: RolloutConfig) -> str:
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
-    except Exception:
+    except ModuleNotFoundError:
+        return False
+    except Exception as exc:  # installed but broken (e.g. a torch / transformers it was not built for)
+        logger.warning("vllm is installed but does not import (%s: %s): decoding with FlyThinker's decoder",
+                       type(exc).__name__, exc)
         return False
     return True
 
@@ -178,8 +186,6 @@ class VLLMGenerator:
         return rows
 
     def shutdown(self) -> None:
-        import gc
-
         del self.llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -224,7 +230,9 @@ class FlyThinkerRolloutWorker(Worker):
         """Load the model onto this worker's device. Returns a summary (params, lam, dtype, device)."""
         cfg = self.config
         self.device = local_device(cfg.device)
-        self.model = build_rollout_model(cfg).to(self.device).eval()
+        self.model = build_rollout_model(cfg).eval()
+        if not cfg.park_weights:
+            self.model.to(self.device)
         if cfg.decoding.engine == "vllm" and self.model.uses_reasoner:
             raise ValueError("decoding.engine=vllm generates plain HF models only (lam 0 / generator_only); "
                              "this model has a reasoner: use engine auto or flythinker")
@@ -273,7 +281,8 @@ class FlyThinkerRolloutWorker(Worker):
         if self.vllm is not None:
             self.vllm.shutdown()
             self.vllm = None
-            self.model.to(self.device)
+            if not self.config.park_weights:
+                self.model.to(self.device)
             self.decoder = self._make_decoder()  # fresh caches/graphs for the weights' new storage
 
     def _make_decoder(self) -> PairedDecoder:
@@ -322,6 +331,16 @@ class FlyThinkerRolloutWorker(Worker):
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
         if self.uses_vllm():
             generated = self._vllm().generate(prompts, seeds, **sampling)
+        elif self.config.park_weights:
+            self.model.to(self.device)
+            try:
+                generated, _ = self.decoder.generate_many(prompts, seeds, slots=self.slots(len(prompts)), **sampling)
+            finally:  # weights back to the host; a fresh decoder drops the caches and graphs of this call
+                self.model.to("cpu")
+                self.decoder = self._make_decoder()
+                gc.collect()  # the old session's step closure refers back to it: a cycle
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
         else:
             generated, _ = self.decoder.generate_many(prompts, seeds, slots=self.slots(len(prompts)), **sampling)
         width = sampling["max_new_tokens"]

@@ -39,7 +39,8 @@ from .workers import make_worker_group, release_worker_group, worker_group
 # ---- worker group ------------------------------------------------------------------------------------------
 
 def make_rollout_group(config: RolloutConfig, n_workers_per_node: int, nnodes: int = 1, resource_pool=None):
-    """(group, pool): a FlyThinkerRolloutWorker group with the model loaded (init_model done).
+    """(group, pool): a FlyThinkerRolloutWorker group with the model loaded (init_model done; its per-worker
+    summaries in `group.summaries`).
 
     Without `resource_pool`: a pool of its own, nnodes x n_workers_per_node processes (one GPU each on
     cuda). With one (e.g. the training group's, made with max_colocate_count=2 so that each bundle takes
@@ -55,7 +56,7 @@ def make_rollout_group(config: RolloutConfig, n_workers_per_node: int, nnodes: i
         worker = RayClassWithInitArgs(ray.remote(FlyThinkerRolloutWorker), config=config)
         group, pool = worker_group(resource_pool, worker, config.device), None
     try:
-        group.init_model()
+        group.summaries = group.init_model()  # per worker: params, lam, dtype, device, backend, engine
     except BaseException:
         release_worker_group(group, pool)
         raise
@@ -70,7 +71,8 @@ def rollout_config_from_training(cfg) -> RolloutConfig:
                                fusion=cfg.fusion, dtype=cfg.fsdp.param_dtype,  # same names: auto|bf16|fp32
                                attn_implementation=cfg.model.attn_implementation,
                                trust_remote_code=cfg.model.trust_remote_code)
-    return RolloutConfig(model=model, device=cfg.trainer.device)
+    # Colocated with the training workers on the same GPUs: the rollout's weights wait on the host.
+    return RolloutConfig(model=model, device=cfg.trainer.device, park_weights=cfg.trainer.device == "cuda")
 
 
 def sync_weights(train_group, rollout_group, dtype: str = "fp32", bucket_mb: float = 512) -> int:

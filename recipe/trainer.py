@@ -182,6 +182,7 @@ class FlyThinkerTrainer:
             self.rollout, _ = make_rollout_group(rollout_config_from_training(cfg), cfg.trainer.n_gpus_per_node,
                                                  cfg.trainer.nnodes, resource_pool=self.pool)
         sync_weights(self.workers, self.rollout, dtype=cfg.fsdp.param_dtype, bucket_mb=vg.sync_bucket_mb)
+        self.workers.release_cached_memory()  # the rollout generates on the same GPUs
         rows = self.val_data.rows[:vg.num_samples]
         conversations = [conversation(row) for row in rows]
         references = [row.get("reference") or messages[-1]["content"]

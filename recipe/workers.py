@@ -3,6 +3,7 @@ explicitly."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -12,6 +13,25 @@ from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, Ra
 from flythinker_worker.ports import master_port_range
 
 RUNTIME_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VERL_LOGGING_LEVEL": "WARNING"}}
+logger = logging.getLogger(__name__)
+
+
+def match_verl_platform(device: str) -> None:
+    """Make verl's platform (its device name and Ray resource key) this run's `device` ("cuda" | "cpu").
+    verl resolves it on import from this process's own devices, so a driver on a GPU-less head node (a
+    `ray job submit` target) resolves to our CPU platform, and every GPU bundle of its worker groups would
+    become a CPU one: no GPU reserved, no CUDA_VISIBLE_DEVICES, every worker on cuda:0."""
+    from verl.plugin.platform import get_platform, set_platform
+
+    current = get_platform().device_name
+    if current == device:
+        return
+    if device == "cuda":
+        from verl.plugin.platform.platform_cuda import PlatformCUDA as Platform
+    else:
+        from flythinker_worker.platform import PlatformCPU as Platform
+    logger.warning("verl resolved this process to platform %r; the run's workers use %r: switching", current, device)
+    set_platform(Platform())
 
 
 def init_ray(device: str) -> None:
@@ -36,6 +56,7 @@ def make_worker_group(worker_cls, device: str, n_per_node: int, nnodes: int = 1,
     worker, see recipe.sweep.trial_resources) the workers take bundles 1..n of it, so the trial's
     resources are its workers' and end with it. Release with `release_worker_group` (placement groups
     outlive their actors otherwise; one borrowed from a trial is left to its owner)."""
+    match_verl_platform(device)
     trial_pg = ray.util.get_current_placement_group()
     if trial_pg is not None:
         pool = _trial_bundles(trial_pg, device, n_per_node, nnodes, colocate)

@@ -33,3 +33,23 @@ def test_writer_repairs_a_torn_tail_and_refuses_a_second_id(tmp_path):
         with pytest.raises(ValueError, match="'a' is already in"):
             writer.write([{"id": "a", "prediction": "x", "reference": "r"}])
     assert [r["id"] for r in load_predictions(path)] == ["a", "b", "c"]
+
+
+def test_a_resumed_file_keeps_the_engine_it_was_started_with(tmp_path):
+    """A setting known only once workers start (the resolved decoding engine) is pinned in the meta file:
+    a resume that resolves another one is refused, the same one (or a fresh file) goes on, and the pinned
+    value survives the settings check of every reopening."""
+    path, settings = tmp_path / "p.jsonl", {"model": "m", "seed": 1}
+    with PredictionWriter(path, settings) as writer:
+        writer.pin("engine_used", ["vllm"])
+        writer.write([{"id": "a", "prediction": "x", "reference": "r"}])
+    with PredictionWriter(path, settings) as writer:
+        writer.pin("engine_used", ["vllm"])
+    with PredictionWriter(path, settings) as writer:
+        with pytest.raises(ValueError, match=r"engine_used=\['vllm'\], this run resolves \['flythinker'\]"):
+            writer.pin("engine_used", ["flythinker"])
+    with pytest.raises(ValueError, match="other settings"):
+        PredictionWriter(path, {"model": "m", "seed": 2})
+    with PredictionWriter(path, settings, overwrite=True) as writer:
+        writer.pin("engine_used", ["flythinker"])  # started over: nothing written with vllm
+    assert json.loads((tmp_path / "p.jsonl.meta.json").read_text())["pinned"] == {"engine_used": ["flythinker"]}

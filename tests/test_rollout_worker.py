@@ -1,6 +1,8 @@
 """The rollout worker group (2 CPU workers) against in-process paired decoding of each row ALONE, and
 weights synced in memory from a training group against the same training group's export on disk."""
 
+import dataclasses
+
 import pytest
 import ray
 import torch
@@ -183,8 +185,13 @@ def test_weights_synced_from_training_equal_its_export(ray_local, tiny_assets, t
         # port bound to 0 to an actor's outgoing connection before rank 0 bound its store).
         assert FIRST_PORT <= int(train.master_port) < ephemeral_range()[0]
         train.init_model()
-        # The API the trainer uses: a rollout group shaped like the training model, synced in memory.
-        rollout, own_pool = make_rollout_group(rollout_config_from_training(cfg), 2, resource_pool=pool)
+        # The API the trainer uses: a rollout group shaped like the training model, synced in memory, with
+        # its weights parked on the host between calls as on GPUs (on CPU the moves are no-ops, but the
+        # weights sync into the parked copy and the decoder is rebuilt after every call).
+        rollout_cfg = rollout_config_from_training(cfg)
+        assert not rollout_cfg.park_weights  # cpu; on cuda it parks
+        rollout, own_pool = make_rollout_group(dataclasses.replace(rollout_cfg, park_weights=True), 2,
+                                               resource_pool=pool)
         assert own_pool is None
         before = rows(group_generate(rollout, prompt_ids, SEEDS[:4], eos, pad, **SAMPLING["greedy"]))
         for begin in (0, 4):

@@ -296,8 +296,7 @@ class FastPairedDecoder:
         key = self._key(batch, width + max_new_tokens, temperature, top_k, top_p, eos, pad, max_new_tokens,
                         output_logits)
         s = self._prepare(key, max_new_tokens)
-        rows = torch.arange(batch, device=self.device)
-        self._admit(s, rows, input_ids.to(self.device), attention_mask.to(self.device), seeds.to(self.device))
+        self._admit(s, s.rows[:batch], input_ids.to(self.device), attention_mask.to(self.device), seeds.to(self.device))
         step = self._stepper(s)
         longest = int(attention_mask.long().sum(-1).max())
         for t in range(1, max_new_tokens):

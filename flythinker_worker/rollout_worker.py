@@ -285,6 +285,14 @@ class FlyThinkerRolloutWorker(Worker):
                 self.model.to(self.device)
             self.decoder = self._make_decoder()  # fresh caches/graphs for the weights' new storage
 
+    def _park(self) -> None:
+        """Weights back to the host; a fresh decoder drops the caches and graphs of the last call."""
+        self.model.to("cpu")
+        self.decoder = self._make_decoder()
+        gc.collect()  # the old session's step closure refers back to it: a cycle
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _make_decoder(self) -> PairedDecoder:
         dec = self.config.decoding
         options = {"sync_every": dec.sync_every} if dec.sync_every else {}
@@ -331,18 +339,14 @@ class FlyThinkerRolloutWorker(Worker):
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
         if self.uses_vllm():
             generated = self._vllm().generate(prompts, seeds, **sampling)
-        elif self.config.park_weights:
-            self.model.to(self.device)
+        else:
+            if self.config.park_weights:
+                self.model.to(self.device)
             try:
                 generated, _ = self.decoder.generate_many(prompts, seeds, slots=self.slots(len(prompts)), **sampling)
-            finally:  # weights back to the host; a fresh decoder drops the caches and graphs of this call
-                self.model.to("cpu")
-                self.decoder = self._make_decoder()
-                gc.collect()  # the old session's step closure refers back to it: a cycle
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        else:
-            generated, _ = self.decoder.generate_many(prompts, seeds, slots=self.slots(len(prompts)), **sampling)
+            finally:
+                if self.config.park_weights:
+                    self._park()
         width = sampling["max_new_tokens"]
         responses = torch.full((len(prompts), width), sampling["pad_token_id"], dtype=torch.long)
         for i, row in enumerate(generated):
